@@ -1,0 +1,114 @@
+"""Config helpers: the `:key=value,...` argument of config files and shared config sections.
+
+Every config file defines `get_config(arg: str | None) -> ml_collections.ConfigDict`.
+Sections defined here (mesh, optimizer, train, checkpoint, distributed) are shared by all
+tasks so that a key means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses 'size=tiny,steps=100' into a ConfigDict over `defaults`.
+
+  Values are Python literals where possible (ints, floats, bools), else strings. An unknown
+  key is an error naming the key and the known ones.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"Config argument {item!r} is not key=value (in {arg!r}).")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """`config.model`: a preset (random init) or a local Hugging Face checkpoint."""
+  return ml_collections.ConfigDict(dict(
+      preset="tiny",        # name in alignjax.models.presets (ignored when hf_path is set)
+      hf_path="",           # local dir with config.json + *.safetensors
+      vocab_size=-1,        # -1: from the tokenizer (presets) or config.json (HF)
+      dtype="float32",      # compute dtype: float32 | bfloat16
+      param_dtype="float32",
+      remat="none",         # none | full | dots
+      init_seed=0,
+  ))
+
+
+def tokenizer_config() -> ml_collections.ConfigDict:
+  """`config.tokenizer`: 'char' (built-in, synthetic tasks) or a local HF tokenizer dir."""
+  return ml_collections.ConfigDict(dict(kind="hf", path=""))  # path "" -> model.hf_path
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+  """`config.optimizer`: AdamW with warm-up and a decay schedule."""
+  return ml_collections.ConfigDict(dict(
+      name="adamw",         # adamw | adam | sgd | lion
+      learning_rate=1e-5,
+      schedule="cosine",    # cosine | linear | constant
+      warmup_steps=0,
+      end_lr_ratio=0.0,     # final lr = learning_rate * end_lr_ratio
+      b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.0,
+      grad_clip=1.0,        # global-norm clipping; 0 disables
+  ))
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """`config.train`: loop cadence and measurement."""
+  return ml_collections.ConfigDict(dict(
+      num_steps=1000,
+      grad_accum=1,               # micro-batches per step (batch_size is per step)
+      log_every=10,
+      eval_every=0,               # 0: only at the start and the end
+      eval_steps=10,              # eval batches per evaluation
+      peak_flops_per_device=0.0,  # 0: measured with a matmul at start-up
+      logprob_chunk_size=1024,    # length chunk for token log-probs (no [B,L,V] f32 logits)
+      progress_bar=True,
+  ))
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+  """`config.checkpoint`: Orbax checkpoints in `<workdir>/checkpoints`."""
+  return ml_collections.ConfigDict(dict(every=500, keep=3, resume=True, async_save=False))
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """`config.mesh`: device mesh sizes; one may be -1 (inferred)."""
+  return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+  """`config.distributed`: multi-process start-up (see alignjax.parallel)."""
+  return ml_collections.ConfigDict(dict(
+      enable=False, coordinator_address="", num_processes=0, process_id=-1,
+      cpu_collectives=""))
+
+
+def base_config(task: str) -> ml_collections.ConfigDict:
+  """Shared sections for a task; the task file adds `data` and its own section."""
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.seed = 0
+  c.model = model_config()
+  c.tokenizer = tokenizer_config()
+  c.optimizer = optimizer_config()
+  c.train = train_config()
+  c.checkpoint = checkpoint_config()
+  c.mesh = mesh_config()
+  c.sharding_rules = ml_collections.ConfigDict()  # logical name -> mesh axes overrides
+  c.distributed = distributed_config()
+  return c

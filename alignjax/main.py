@@ -1,0 +1,50 @@
+"""The alignjax binary: `python -m alignjax.main --config=configs/X.py[:args] --workdir=DIR`.
+
+Overrides: `--config.optimizer.learning_rate=3e-4`. The config is locked, so a misspelt key is
+an error naming it. `config.task` picks the task module (see TASKS).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# task name -> "module:function(config, workdir)"; a new task adds one line.
+TASKS = {
+    "sft": "alignjax.trainers.sft:run",
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file (`path.py[:arg]`).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+
+
+def run_task(config, workdir: str):
+  """Dispatches on `config.task`; returns the task's result (e.g. final metrics)."""
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r} is unknown; choose one of {sorted(TASKS)}.")
+  module, fn = TASKS[config.task].split(":")
+  return getattr(importlib.import_module(module), fn)(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from alignjax import parallel  # after flags: XLA_FLAGS may be set by the caller
+  parallel.maybe_initialize_distributed(_CONFIG.value.get("distributed"))
+  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  logging.info("config:\n%s", _CONFIG.value)
+  run_task(_CONFIG.value, workdir)
+
+
+def run():
+  """Console-script entry point (`alignjax --config=... --workdir=...`)."""
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
