@@ -1,0 +1,48 @@
+"""Builders shared by tasks: tokenizer and model from the config."""
+
+from __future__ import annotations
+
+from alignjax import parallel
+from alignjax.data.tokenizer import CharTokenizer, Tokenizer
+from alignjax.models import hf
+from alignjax.models.config import ModelConfig
+from alignjax.models.presets import get_preset
+from alignjax.models.transformer import init_model
+
+
+def build_tokenizer(config):
+  """`tokenizer.kind='char'`: the built-in character tokenizer (synthetic tasks);
+  `'hf'`: tokenizer.json + tokenizer_config.json from `tokenizer.path` (default model.hf_path)."""
+  kind = config.tokenizer.kind
+  if kind == "char":
+    return CharTokenizer()
+  if kind == "hf":
+    path = config.tokenizer.path or config.model.hf_path
+    if not path:
+      raise ValueError("config.tokenizer.path (or config.model.hf_path) must name a local "
+                       "directory with tokenizer.json, or set config.tokenizer.kind='char'.")
+    return Tokenizer.from_dir(path)
+  raise ValueError(f"config.tokenizer.kind={kind!r}; expected 'hf' or 'char'.")
+
+
+def _overrides(mc) -> dict:
+  return dict(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat)
+
+
+def model_config(config, vocab_size: int) -> ModelConfig:
+  """The ModelConfig a run will use (HF config.json or a preset, plus overrides)."""
+  mc = config.model
+  if mc.hf_path:
+    import json, os
+    with open(os.path.join(mc.hf_path, "config.json")) as f:
+      return hf.config_from_hf(json.load(f), **_overrides(mc))
+  vocab = mc.vocab_size if mc.vocab_size > 0 else vocab_size
+  return get_preset(mc.preset, vocab_size=vocab, **_overrides(mc))
+
+
+def build_model(config, cfg: ModelConfig, mesh, rules):
+  """The model, created directly sharded: loaded from `model.hf_path` or randomly initialised."""
+  mc = config.model
+  if mc.hf_path:
+    return hf.load_hf_model(mc.hf_path, mesh, rules, **_overrides(mc))
+  return parallel.create_sharded(lambda: init_model(cfg, mc.init_seed), mesh, rules)

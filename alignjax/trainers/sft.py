@@ -1,0 +1,74 @@
+"""Supervised fine-tuning (task `sft`): next-token NLL on completion tokens."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from absl import logging
+
+from alignjax.data import sft as sft_data
+from alignjax.data import synthetic
+from alignjax.losses.logprobs import shift_targets, token_logprobs
+from alignjax.losses.sft import sft_cross_entropy
+from alignjax.sampling import greedy_generate
+from alignjax.trainers import common, loop
+
+
+def make_loss_fn(chunk_size: int):
+  """loss_fn(model, batch) for the loop: sums of NLL and entropy over completion tokens."""
+
+  def loss_fn(model, batch):
+    h = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
+    targets, mask = shift_targets(batch["tokens"], batch["loss_mask"])
+    logp, entropy = token_logprobs(h, model.unembedding(), targets, chunk_size=chunk_size,
+                                   with_entropy=True)
+    loss_sum, denom, metrics = sft_cross_entropy(logp, mask)
+    metrics = {"num_tokens": metrics["num_tokens"], "entropy": jnp.sum(entropy * mask)}
+    return loss_sum, denom, metrics
+
+  return loss_fn
+
+
+def arithmetic_accuracy(model, tokenizer, examples, max_new_tokens: int = 8) -> float:
+  """Exact-match accuracy of greedy answers on (prompt, answer) pairs."""
+  prompts = [tokenizer.encode(p) for p, _ in examples]
+  outs = greedy_generate(model, prompts, max_new_tokens=max_new_tokens,
+                         pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+  answers = [tokenizer.decode(o) for o in outs]
+  return sum(a.strip() == ans for a, (_, ans) in zip(answers, examples)) / len(examples)
+
+
+def build_task(config, tokenizer=None) -> loop.Task:
+  tokenizer = tokenizer or common.build_tokenizer(config)
+  cfg = common.model_config(config, tokenizer.vocab_size)
+  dc, seq_len, batch = config.data, config.data.seq_len, config.data.batch_size
+  logging.info("model: %s (%.2fM parameters)", cfg, cfg.num_params() / 1e6)
+
+  def iterator(split, seed):
+    return sft_data.make_sft_iterator(dc, tokenizer, seq_len=seq_len, global_batch_size=batch,
+                                      seed=seed, split=split,
+                                      num_epochs=1 if split == "eval" else None)
+
+  has_eval = bool(dc.eval_files or dc.synthetic)
+  evaluate = None
+  if dc.synthetic == "arithmetic" and config.sft.eval_examples > 0:
+    opts = dc.arithmetic
+    examples = synthetic.arithmetic_eval_examples(
+        config.sft.eval_examples, config.seed, max_digits=opts.max_digits, ops=opts.ops)
+
+    def evaluate(model, step):
+      return {"eval_accuracy": arithmetic_accuracy(model, tokenizer, examples)}
+
+  return loop.Task(
+      build_model=lambda mesh, rules: common.build_model(config, cfg, mesh, rules),
+      loss_fn=make_loss_fn(config.train.logprob_chunk_size),
+      train_iter=lambda: iterator("train", config.seed),
+      eval_iter=(lambda: iterator("eval", config.seed)) if has_eval else None,
+      evaluate=evaluate,
+      flops_per_token=cfg.flops_per_token(seq_len),
+      tokens_per_batch=batch * seq_len,
+  )
+
+
+def run(config, workdir: str) -> dict:
+  """Entry point for `config.task == "sft"`."""
+  return loop.train(config, workdir, build_task(config))
