@@ -60,7 +60,7 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
   theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
   if not rope and hf.get("rope_scaling"):
     rope = dict(hf["rope_scaling"])
-  kind = rope.get("rope_type", rope.get("type", "default"))
+  kind = rope.get("rope_type", rope.pop("type", "default"))  # drop the legacy v4 key
   scaling = None if kind == "default" else dict(rope, rope_type=kind)
   heads = hf["num_attention_heads"]
   qkv_bias = True if family == "qwen2" else bool(hf.get("attention_bias", False))

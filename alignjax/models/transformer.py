@@ -204,7 +204,10 @@ class Transformer(nnx.Module):
       segment_ids_BxL = jnp.ones((b, l), jnp.int32)
     mask = attention_mask(segment_ids_BxL)
     inv_freq = rope_inv_freq(cfg)
-    x = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(to_dtype(cfg.dtype))
+    # Gather the table over `embed` first (as FSDP does for every weight), then look up rows
+    # of the vocab-sharded table.
+    table = parallel.constrain(self.embed[...], ("vocab", None))
+    x = jnp.take(table, tokens_BxL, axis=0).astype(to_dtype(cfg.dtype))
     x = parallel.constrain(x, ("batch", "length", "embed"))
 
     def run(block, x):

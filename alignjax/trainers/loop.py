@@ -117,8 +117,8 @@ def make_train_step(graphdef, loss_fn: LossFn, tx, schedule, grad_accum: int = 1
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     out = _normalise(metrics, denom)
-    out.update(loss=loss_sum / jnp.maximum(denom, 1.0), grad_norm=optax.global_norm(grads),
-               param_norm=optax.global_norm(params), learning_rate=schedule(state.step),
+    out.update(loss=loss_sum / jnp.maximum(denom, 1.0), grad_norm=optax.tree.norm(grads),
+               param_norm=optax.tree.norm(params), learning_rate=schedule(state.step),
                num_denominator=denom)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
@@ -216,9 +216,9 @@ def train(config, workdir: str, task: Task) -> dict:
     summary: dict = {}
     eval_args = (task, graphdef)
     if start == 0:
-      summary.update(evaluate(*eval_args, state.params, eval_step, mesh, rules,
-                              tc.eval_steps, 0))
-      writer.write(0, {f"initial_{k}": v for k, v in summary.items()})
+      initial = evaluate(*eval_args, state.params, eval_step, mesh, rules, tc.eval_steps, 0)
+      summary.update({f"initial_{k}": v for k, v in initial.items()})
+      writer.write(0, summary)
 
     last_log_time, last_log_step = None, start
     step = start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from absl import logging
 
@@ -30,7 +31,7 @@ def make_loss_fn(chunk_size: int):
 
 def arithmetic_accuracy(model, tokenizer, examples, max_new_tokens: int = 8) -> float:
   """Exact-match accuracy of greedy answers on (prompt, answer) pairs."""
-  prompts = [tokenizer.encode(p) for p, _ in examples]
+  prompts = [tokenizer.encode(p, add_bos=tokenizer.add_bos_token) for p, _ in examples]
   outs = greedy_generate(model, prompts, max_new_tokens=max_new_tokens,
                          pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
   answers = [tokenizer.decode(o) for o in outs]
@@ -71,4 +72,10 @@ def build_task(config, tokenizer=None) -> loop.Task:
 
 def run(config, workdir: str) -> dict:
   """Entry point for `config.task == "sft"`."""
-  return loop.train(config, workdir, build_task(config))
+  summary = loop.train(config, workdir, build_task(config))
+  if "eval_accuracy" in summary and jax.process_index() == 0:
+    before = summary.get("initial_eval_accuracy")
+    print(f"held-out accuracy: before {before:.1%}, after {summary['eval_accuracy']:.1%} "
+          f"({config.sft.eval_examples} problems never seen in training)" if before is not None
+          else f"held-out accuracy: {summary['eval_accuracy']:.1%}", flush=True)
+  return summary
