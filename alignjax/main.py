@@ -35,7 +35,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from alignjax import parallel  # after flags: XLA_FLAGS may be set by the caller
   parallel.maybe_initialize_distributed(_CONFIG.value.get("distributed"))
-  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  workdir = _WORKDIR.value
+  if "://" not in workdir:  # keep gs:// and other URLs as they are
+    workdir = os.path.abspath(os.path.expanduser(workdir))
   logging.info("config:\n%s", _CONFIG.value)
   run_task(_CONFIG.value, workdir)
 

@@ -185,7 +185,8 @@ def evaluate(task: Task, graphdef, params, eval_step, mesh, rules, num_batches: 
 def train(config, workdir: str, task: Task) -> dict:
   """Runs `config.train.num_steps` steps of `task`; returns the last train/eval metrics."""
   tc = config.train
-  os.makedirs(workdir, exist_ok=True)
+  if "://" not in workdir:
+    os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh(config.mesh.to_dict())
   rules = parallel.rules_from_config(config.sharding_rules.to_dict())
   logging.info("mesh %s on %d process(es)", dict(mesh.shape), jax.process_count())

@@ -16,6 +16,14 @@ import numpy as np
 from alignjax.models.config import to_dtype
 
 
+def local_metrics_dir(workdir: str) -> str:
+  """`workdir` itself if local; for a remote workdir (gs://...), whose checkpoints Orbax
+  writes directly, metrics go to /tmp/alignjax_metrics/<last path component>."""
+  if "://" not in workdir:
+    return workdir
+  return os.path.join("/tmp/alignjax_metrics", workdir.rstrip("/").rsplit("/", 1)[-1])
+
+
 class MetricWriter:
   """Writes scalar metrics from process 0 only; other processes are silent."""
 
@@ -24,6 +32,8 @@ class MetricWriter:
     self._jsonl = self._tb = self._bar = None
     if not self.active:
       return
+    workdir = local_metrics_dir(workdir)
+    os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     try:
       from tensorboardX import SummaryWriter
