@@ -357,3 +357,17 @@ def test_process_defaults_from_jax():
   it = data.make_sft_iterator(_cfg(synthetic="arithmetic"), TOK, seq_len=16, global_batch_size=2,
                               seed=0)
   assert next(it)["tokens"].shape == (2, 16)  # jax.process_count() == 1 here
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_finite_pass_keeps_every_example(tmp_path, packing):
+  """num_epochs=1 (evaluation): no example is dropped; the last batch is filled with padding."""
+  rows = _records(10)
+  cfg = _cfg(_write_jsonl(tmp_path / "d.jsonl", rows), packing=packing, shuffle=False)
+  batches = list(_iter(cfg, seq_len=16, batch=4, num_epochs=1))
+  for b in batches:
+    _check_format(b, 4, 16)
+  completions = sorted(TOK.decode(t[m > 0]) for b in batches for t, m in _segments(b))
+  assert completions == sorted(r["completion"] for r in rows)
+  if not packing:
+    assert len(batches) == 3 and np.all(batches[-1]["segment_ids"][2:] == 0)

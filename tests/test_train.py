@@ -147,3 +147,17 @@ def test_main_binary_runs_and_rejects_misspelt_override(tmp_path):
   assert "learnig_rate" in bad.stderr
   bad_arg = _main("--config=configs/default.py:stpes=3", f"--workdir={tmp_path}/c")
   assert bad_arg.returncode != 0 and "stpes" in bad_arg.stderr
+
+
+def test_sft_config_on_hf_fixture_and_jsonl(tmp_path):
+  """configs/sft.py (tiny): HF checkpoint + tokenizer + chat templates + packing, end to end."""
+  from configs import sft as sft_config
+  c = sft_config.get_config("steps=4")
+  c.train.log_every = 1
+  c.train.progress_bar = False
+  c.train.peak_flops_per_device = 1e9
+  summary = sft.run(c, str(tmp_path))
+  losses = read_metrics(tmp_path)
+  assert sorted(losses) == [1, 2, 3, 4]
+  assert losses[4] < losses[1]
+  assert np.isfinite(summary["eval_loss"]) and "initial_eval_loss" in summary

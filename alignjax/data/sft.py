@@ -235,7 +235,18 @@ def make_sft_dataset(data_cfg, tokenizer, *, seq_len: int, global_batch_size: in
         padding_struct={"tokens": tokenizer.pad_id, "loss_mask": 0.0}).map(_from_packed)
   else:
     it_ds = it_ds.map(functools.partial(_pad, seq_len=seq_len, pad_id=tokenizer.pad_id))
-  return it_ds.batch(per_host, drop_remainder=True), stats
+  if num_epochs is None:
+    return it_ds.batch(per_host, drop_remainder=True), stats
+  # A finite pass (evaluation) keeps every example: the last batch is filled with empty rows.
+  batched = it_ds.batch(per_host, drop_remainder=False)
+  return batched.map(functools.partial(_fill_batch, rows=per_host, pad_id=tokenizer.pad_id)), stats
+
+
+def _fill_batch(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Pads a partial batch to `rows` rows of padding (segment_ids 0, loss_mask 0)."""
+  return {k: np.concatenate([v, np.full((rows - len(v),) + v.shape[1:],
+                                        pad_id if k == "tokens" else 0, v.dtype)])
+          for k, v in batch.items()}
 
 
 def make_sft_iterator(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int,

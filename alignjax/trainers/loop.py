@@ -166,11 +166,18 @@ def evaluate(task: Task, graphdef, params, eval_step, mesh, rules, num_batches: 
              step: int) -> dict:
   """Mean eval loss over `num_batches` eval batches plus the task's own evaluation."""
   out = {}
-  if task.eval_iter is not None:
-    totals = None
-    for i, batch in enumerate(task.eval_iter()):
-      if i >= num_batches:
-        break
+  if task.eval_iter is not None and num_batches > 0:
+    # Exactly `num_batches` steps on every host (collectives stay in lockstep); a host whose
+    # finite eval data ran out feeds batches of padding, which add nothing to the sums.
+    totals, it, template = None, iter(task.eval_iter()), None
+    for _ in range(num_batches):
+      batch = next(it, None)
+      if batch is None:
+        if template is None:
+          raise ValueError("The eval data yielded no batch on this host; add eval records or "
+                           "set train.eval_steps=0.")
+        batch = {k: np.zeros_like(v) for k, v in template.items()}
+      template = template or batch
       res = eval_step(params, parallel.shard_batch(batch, mesh, rules))
       totals = res if totals is None else jax.tree.map(jnp.add, totals, res)
     if totals is not None:
