@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from alignjax import parallel
@@ -297,20 +296,11 @@ def _drop_from_shard(fixtures_dir, tmp_path):
   return path, shard, missing
 
 
-def test_missing_tensor_in_shard_names_tensor(fixtures_dir, tmp_path):
-  path, _, missing = _drop_from_shard(fixtures_dir, tmp_path)
-  with pytest.raises(Exception) as e:
-    hf.load_hf_model(path)
-  assert missing in str(e.value)
-
-
-@pytest.mark.xfail(strict=True, reason="load_hf_model lets safetensors' own error through; "
-                   "it names the tensor but not the shard file (see report).")
-def test_missing_tensor_in_shard_names_file(fixtures_dir, tmp_path):
+def test_missing_tensor_in_shard_names_file_and_tensor(fixtures_dir, tmp_path):
   path, shard, missing = _drop_from_shard(fixtures_dir, tmp_path)
-  with pytest.raises(Exception) as e:
+  with pytest.raises(KeyError) as e:
     hf.load_hf_model(path)
-  assert os.path.basename(shard) in str(e.value)
+  assert missing in str(e.value) and os.path.basename(shard) in str(e.value)
 
 
 def test_shape_mismatch_names_file_and_tensor(fixtures_dir, tmp_path):

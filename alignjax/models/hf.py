@@ -177,6 +177,9 @@ def load_hf_model(path: str, mesh=None, rules=None, **overrides) -> Transformer:
       fname = files[name]
       if fname not in handles:
         handles[fname] = safe_open(fname, framework="numpy")
+      if name not in handles[fname].keys():
+        raise KeyError(f"{fname}: tensor {name!r} is listed in {INDEX_FILE} but missing from "
+                       "this file; the checkpoint is incomplete or its index is stale.")
       var = _get(state, ours)
       value = to_ours(handles[fname].get_tensor(name))
       if value.shape != var.shape:
