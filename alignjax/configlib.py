@@ -36,7 +36,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def model_config() -> ml_collections.ConfigDict:
-  """`config.model`: a preset (random init) or a local Hugging Face checkpoint."""
+  """`config.model`: a preset (random init) or a local Hugging Face checkpoint; parameters
+  may instead come from an earlier alignjax run (`checkpoint`)."""
   return ml_collections.ConfigDict(dict(
       preset="tiny",        # name in alignjax.models.presets (ignored when hf_path is set)
       hf_path="",           # local dir with config.json + *.safetensors
@@ -45,6 +46,8 @@ def model_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       remat="none",         # none | full | dots
       init_seed=0,
+      checkpoint="",        # alignjax workdir (or its checkpoints/) to take parameters from
+      checkpoint_step=-1,   # -1: the latest step
   ))
 
 

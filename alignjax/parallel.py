@@ -154,6 +154,13 @@ def state_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, Sequence[str]] | 
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def abstract_with_shardings(tree: Any, mesh: Mesh,
+                            rules: Mapping[str, Sequence[str]] | None = None) -> Any:
+  """ShapeDtypeStructs that carry the rules' shardings (targets for checkpoint restores)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, state_shardings(tree, mesh, rules))
+
+
 def create_sharded(init_fn: Callable[[], Any], mesh: Mesh,
                    rules: Mapping[str, Sequence[str]] | None = None) -> Any:
   """Runs `init_fn()` (returning an nnx object) under jit with sharded outputs.

@@ -161,3 +161,19 @@ def test_sft_config_on_hf_fixture_and_jsonl(tmp_path):
   assert sorted(losses) == [1, 2, 3, 4]
   assert losses[4] < losses[1]
   assert np.isfinite(summary["eval_loss"]) and "initial_eval_loss" in summary
+
+
+def test_model_from_alignjax_checkpoint(tmp_path):
+  """model.checkpoint starts a run from another run's parameters (sharded on this mesh)."""
+  first = tiny_config(num_steps=6)
+  sft.run(first, str(tmp_path / "a"))
+  second = tiny_config(num_steps=2)
+  second.model.checkpoint = str(tmp_path / "a")
+  second.mesh.data, second.mesh.fsdp, second.mesh.tensor = 2, 2, 2
+  sft.run(second, str(tmp_path / "b"))
+  a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+  # Step 1 of the second run sees trained parameters: its loss is far below a fresh start.
+  assert b[1] < a[1] - 0.5
+  with pytest.raises(FileNotFoundError, match="No alignjax checkpoint"):
+    second.model.checkpoint = str(tmp_path / "nothing")
+    sft.run(second, str(tmp_path / "c"))

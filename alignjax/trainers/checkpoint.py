@@ -47,3 +47,29 @@ class Checkpointer:
 
   def close(self):
     self._mgr.close()
+
+
+def find_checkpoint_dir(path: str) -> str:
+  """`path` itself if it holds numbered checkpoints, else `path/checkpoints` (a workdir)."""
+  import os
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def restore_params(path: str, abstract_params, step: int | None = None):
+  """Only the model parameters of an alignjax checkpoint (workdir or checkpoints dir), into the
+  shapes and shardings of `abstract_params` (e.g. to start a new task from an SFT run)."""
+  directory = find_checkpoint_dir(path)
+  mgr = ocp.CheckpointManager(directory)
+  step = mgr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No alignjax checkpoint in {directory}; pass a workdir of a "
+                            "finished run or its checkpoints/ directory.")
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_params)
+  item = {"params": target}
+  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))
+  mgr.close()
+  return restored["state"]["params"]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+from flax import nnx
+
 from alignjax import parallel
 from alignjax.data.tokenizer import CharTokenizer, Tokenizer
 from alignjax.models import hf
 from alignjax.models.config import ModelConfig
 from alignjax.models.presets import get_preset
 from alignjax.models.transformer import init_model
+from alignjax.trainers import checkpoint
 
 
 def build_tokenizer(config):
@@ -33,7 +39,6 @@ def model_config(config, vocab_size: int) -> ModelConfig:
   """The ModelConfig a run will use (HF config.json or a preset, plus overrides)."""
   mc = config.model
   if mc.hf_path:
-    import json, os
     with open(os.path.join(mc.hf_path, "config.json")) as f:
       return hf.config_from_hf(json.load(f), **_overrides(mc))
   vocab = mc.vocab_size if mc.vocab_size > 0 else vocab_size
@@ -41,8 +46,14 @@ def model_config(config, vocab_size: int) -> ModelConfig:
 
 
 def build_model(config, cfg: ModelConfig, mesh, rules):
-  """The model, created directly sharded: loaded from `model.hf_path` or randomly initialised."""
+  """The model, created directly sharded: parameters from `model.checkpoint` (an alignjax
+  run), else `model.hf_path`, else a random initialisation."""
   mc = config.model
+  if mc.checkpoint:
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(cfg, 0)))
+    target = parallel.abstract_with_shardings(abstract, mesh, rules)
+    step = mc.checkpoint_step if mc.checkpoint_step >= 0 else None
+    return nnx.merge(graphdef, checkpoint.restore_params(mc.checkpoint, target, step))
   if mc.hf_path:
     return hf.load_hf_model(mc.hf_path, mesh, rules, **_overrides(mc))
   return parallel.create_sharded(lambda: init_model(cfg, mc.init_seed), mesh, rules)
