@@ -106,6 +106,7 @@ def test_metrics_written(tmp_path):
     assert k in keys, k
   assert np.isfinite(summary["loss"]) and summary["tokens_per_sec"] > 0
   assert os.listdir(tmp_path / "tb"), "TensorBoard events missing"
+  assert json.load(open(tmp_path / "config.json"))["task"] == "sft"
   # Keep-N: checkpoint.keep=3 of steps 4 (every=4) and the final one.
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
 

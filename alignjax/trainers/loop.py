@@ -194,6 +194,9 @@ def train(config, workdir: str, task: Task) -> dict:
   tc = config.train
   if "://" not in workdir:
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:  # what this run was, for reproduction
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   mesh = parallel.make_mesh(config.mesh.to_dict())
   rules = parallel.rules_from_config(config.sharding_rules.to_dict())
   logging.info("mesh %s on %d process(es)", dict(mesh.shape), jax.process_count())
