@@ -101,8 +101,26 @@ def distributed_config() -> ml_collections.ConfigDict:
       cpu_collectives=""))
 
 
+def sft_config() -> ml_collections.ConfigDict:
+  """`config.sft`: held-out generation accuracy for synthetic tasks with known answers."""
+  return ml_collections.ConfigDict(dict(
+      eval_examples=0,    # greedy-decoded held-out problems per evaluation (0: none)
+      max_new_tokens=0,   # 0: the longest answer + 1
+  ))
+
+
+def sharding_rules_config() -> ml_collections.ConfigDict:
+  """`config.sharding_rules`: logical axis -> tuple of mesh axes (alignjax.parallel).
+  Override from the command line as `--config.sharding_rules.mlp="('fsdp',)"`."""
+  from alignjax.parallel import DEFAULT_RULES  # noqa: PLC0415 (keeps configlib jax-free)
+  return ml_collections.ConfigDict({k: tuple(v) for k, v in DEFAULT_RULES.items()})
+
+
+_TASK_SECTIONS = {"sft": sft_config}
+
+
 def base_config(task: str) -> ml_collections.ConfigDict:
-  """Shared sections for a task; the task file adds `data` and its own section."""
+  """Shared sections, plus the task's own section (e.g. `sft`); the task file adds `data`."""
   c = ml_collections.ConfigDict()
   c.task = task
   c.seed = 0
@@ -112,6 +130,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.train = train_config()
   c.checkpoint = checkpoint_config()
   c.mesh = mesh_config()
-  c.sharding_rules = ml_collections.ConfigDict()  # logical name -> mesh axes overrides
+  c.sharding_rules = sharding_rules_config()
   c.distributed = distributed_config()
+  if task in _TASK_SECTIONS:
+    c[task] = _TASK_SECTIONS[task]()
   return c

@@ -12,6 +12,10 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + SIGTERM), so a
+# scheduler can tell "preempted, resume me" from "done".
+PREEMPTED_EXIT_CODE = 143
+
 # task name -> "module:function(config, workdir)"; a new task adds one line.
 TASKS = {
     "sft": "alignjax.trainers.sft:run",
@@ -39,7 +43,11 @@ def main(argv):
   if "://" not in workdir:  # keep gs:// and other URLs as they are
     workdir = os.path.abspath(os.path.expanduser(workdir))
   logging.info("config:\n%s", _CONFIG.value)
-  run_task(_CONFIG.value, workdir)
+  result = run_task(_CONFIG.value, workdir)
+  if isinstance(result, dict) and "preempted_at" in result:
+    logging.warning("Preempted at step %d; run the same command again to resume.",
+                    result["preempted_at"])
+    raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def run():

@@ -29,5 +29,5 @@ def get_config(arg=None):
   c.train.eval_every = 500
   c.train.eval_steps = 4
   c.checkpoint.every = 500
-  c.sft = dict(eval_examples=200)
+  c.sft.eval_examples = 200
   return c

@@ -30,7 +30,6 @@ def get_config(arg=None):
   c.train.eval_every = 200
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
-  c.sft = dict(eval_examples=0)
   if args.size == "tiny":
     c.model.hf_path = os.path.join(_REPO, "third_party", "hf_fixtures", "qwen2")
     c.model.dtype = "float32"

@@ -373,3 +373,48 @@ def test_config_to_hf_round_trip(loaded):
     assert "rope_theta" not in out and "rope_scaling" not in out  # legacy keys replaced
     assert out["eos_token_id"] == 7 and out["model_type"] == name
     assert hf.config_from_hf(out) == cfg
+
+
+def _edit_config(path, **changes):
+  cfg_path = os.path.join(path, "config.json")
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  cfg.update(changes)
+  with open(cfg_path, "w") as f:
+    json.dump(cfg, f)
+  return cfg_path
+
+
+def test_unused_tensors_are_an_error(fixtures_dir, tmp_path):
+  """A tensor the architecture would ignore (e.g. an o_proj bias) must not load silently."""
+  path = copy_fixture(fixtures_dir, "llama", tmp_path)
+  f = os.path.join(path, "model.safetensors")
+  tensors = load_file(f)
+  tensors["model.layers.0.self_attn.o_proj.bias"] = np.zeros(64, np.float32)
+  save_file(tensors, f, metadata={"format": "pt"})
+  with pytest.raises(ValueError, match="o_proj.bias"):
+    hf.load_hf_model(path)
+
+
+def test_attention_bias_and_unknown_rope_are_rejected(fixtures_dir, tmp_path):
+  path = copy_fixture(fixtures_dir, "llama", tmp_path)
+  cfg_path = _edit_config(path, attention_bias=True)
+  with pytest.raises(ValueError, match="attention_bias"):
+    hf.load_hf_model(path)
+  _edit_config(path, attention_bias=False,
+               rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
+  with pytest.raises(ValueError, match="yarn"):
+    hf.load_hf_model(path)
+  assert os.path.exists(cfg_path)
+
+
+def test_export_keeps_v4_torch_dtype_in_step(fixtures_dir, tmp_path):
+  path = copy_fixture(fixtures_dir, "qwen3", tmp_path)
+  _edit_config(path, torch_dtype="float32")
+  model = hf.load_hf_model(path)
+  out = str(tmp_path / "bf16")
+  hf.save_hf_model(model, out, like=path, dtype="bfloat16")
+  cfg = json.load(open(os.path.join(out, "config.json")))
+  assert cfg["torch_dtype"] == cfg["dtype"] == "bfloat16"
+  assert load_file(os.path.join(out, "model.safetensors"))["lm_head.weight"].dtype.name == \
+      "bfloat16"

@@ -69,6 +69,11 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     assert collections.Counter(list(map(tuple, host_batches[0][step])) +
                                list(map(tuple, host_batches[1][step]))) == want
 
+  rows = [json.loads(l) for l in open(multi / "metrics.jsonl")]
+  accuracies = [r[k] for r in rows for k in ("initial_eval_accuracy", "eval_accuracy") if k in r]
+  assert len(accuracies) == 3 and all(0 <= a <= 1 for a in accuracies)  # steps 0, 6 and 8
+  assert all(r["mfu"] > 0 for r in rows if "mfu" in r)
+
   a, b = _losses(tmp_path / "single"), _losses(multi)
   assert sorted(a) == sorted(b) == list(range(1, 9))
   np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)],

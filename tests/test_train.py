@@ -178,3 +178,27 @@ def test_model_from_alignjax_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="No alignjax checkpoint"):
     second.model.checkpoint = str(tmp_path / "nothing")
     sft.run(second, str(tmp_path / "c"))
+
+
+def test_sigterm_to_main_saves_and_exits_143(tmp_path):
+  """A real SIGTERM to the binary: checkpoint written, exit status 143, then resume."""
+  import time
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  args = [sys.executable, "-m", "alignjax.main", "--config=configs/default.py:steps=100000",
+          f"--workdir={tmp_path}", "--config.train.log_every=1",
+          "--config.train.progress_bar=False", "--config.sft.eval_examples=0",
+          "--config.train.peak_flops_per_device=1e9", "--config.checkpoint.every=100000"]
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and sum(1 for _ in open(metrics)) >= 5:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == main_lib.PREEMPTED_EXIT_CODE, out[-3000:]
+  saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 3
+  assert "resume" in out

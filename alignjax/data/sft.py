@@ -33,6 +33,8 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
 def default_data_config() -> ml_collections.ConfigDict:
   """Data config with every key set (see docs/data.md)."""
   return ml_collections.ConfigDict(dict(
+      seq_len=512,           # tokens per row
+      batch_size=32,         # global rows per train step (split over processes)
       train_files="",        # path, glob, or comma-separated list of those
       eval_files="",
       format="auto",         # "auto" (by extension) | "jsonl" | "parquet" | "array_record"

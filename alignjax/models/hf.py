@@ -63,7 +63,10 @@ def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> ModelCo
   kind = rope.get("rope_type", rope.pop("type", "default"))  # drop the legacy v4 key
   scaling = None if kind == "default" else dict(rope, rope_type=kind)
   heads = hf["num_attention_heads"]
-  qkv_bias = True if family == "qwen2" else bool(hf.get("attention_bias", False))
+  if family != "qwen2" and hf.get("attention_bias"):
+    raise ValueError(f"{where}: attention_bias=true ({family}, with an o_proj bias) is not "
+                     "supported.")
+  qkv_bias = family == "qwen2"
   fields = dict(
       family=family,
       vocab_size=hf["vocab_size"],
@@ -170,6 +173,14 @@ def load_hf_model(path: str, mesh=None, rules=None, **overrides) -> Transformer:
   mesh = mesh or parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   shardings = parallel.state_shardings(state, mesh, rules)
   handles: dict[str, Any] = {}
+  expected = {name for _, name, _, _ in _param_map(cfg)}
+  ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+  unused = sorted(n for n in files if n not in expected and n not in ignorable
+                  and not n.endswith("rotary_emb.inv_freq"))
+  if unused:
+    raise ValueError(f"{path}: tensors not used by a {cfg.family} model with this config: "
+                     f"{unused[:5]}{' ...' if len(unused) > 5 else ''}; the checkpoint's "
+                     "architecture is not supported as is.")
   try:
     for ours, name, to_ours, _ in _param_map(cfg):
       if name not in files:
@@ -212,6 +223,8 @@ def save_hf_model(model: Transformer, path: str, *, like: str | None = None,
   hf_cfg = config_to_hf(cfg, base)
   if dtype:
     hf_cfg["dtype"] = dtype
+  if "torch_dtype" in hf_cfg:  # a transformers v4 config: keep its key in step
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"]
   state = nnx.state(model)
   tensors: dict[str, np.ndarray] = {}
   for ours, name, _, to_hf in _param_map(cfg):
@@ -246,7 +259,8 @@ def save_hf_model(model: Transformer, path: str, *, like: str | None = None,
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_cfg, f, indent=2, sort_keys=True)
     if like:
-      for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+      for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                    "chat_template.jinja", "special_tokens_map.json"):
         if os.path.exists(os.path.join(like, extra)):
           shutil.copy(os.path.join(like, extra), tmp)
     if os.path.exists(path):

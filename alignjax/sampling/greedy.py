@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,8 +49,12 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
                     pad_id: int, eos_id: int | None = None) -> list[list[int]]:
   """Greedy continuations of token-id prompts; each is cut at (and excludes) `eos_id`."""
   tokens, mask = left_pad(prompts, pad_id)
-  out = np.asarray(jax.device_get(_generate(model, jnp.asarray(tokens), jnp.asarray(mask),
-                                            max_new_tokens)))
+  # Prompts are replicated on the model's mesh; every process passes the same prompts.
+  mesh = jax.tree.leaves(nnx.state(model))[0].sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  place = lambda x: jax.make_array_from_process_local_data(replicated, x)
+  out = _generate(model, place(tokens), place(mask), max_new_tokens)
+  out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
   result = []
   for row in out.tolist():
     if eos_id is not None and eos_id in row:

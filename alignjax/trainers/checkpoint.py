@@ -8,6 +8,8 @@ half-written checkpoint that a resume would pick up.
 
 from __future__ import annotations
 
+import os
+
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -51,7 +53,6 @@ class Checkpointer:
 
 def find_checkpoint_dir(path: str) -> str:
   """`path` itself if it holds numbered checkpoints, else `path/checkpoints` (a workdir)."""
-  import os
   sub = os.path.join(path, "checkpoints")
   return sub if os.path.isdir(sub) else path
 
@@ -60,7 +61,10 @@ def restore_params(path: str, abstract_params, step: int | None = None):
   """Only the model parameters of an alignjax checkpoint (workdir or checkpoints dir), into the
   shapes and shardings of `abstract_params` (e.g. to start a new task from an SFT run)."""
   directory = find_checkpoint_dir(path)
-  mgr = ocp.CheckpointManager(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"No alignjax checkpoint in {directory}: the directory does not "
+                            "exist; pass a workdir of an earlier run or its checkpoints/.")
+  mgr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   step = mgr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No alignjax checkpoint in {directory}; pass a workdir of a "

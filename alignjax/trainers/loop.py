@@ -201,6 +201,9 @@ def train(config, workdir: str, task: Task) -> dict:
   rules = parallel.rules_from_config(config.sharding_rules.to_dict())
   logging.info("mesh %s on %d process(es)", dict(mesh.shape), jax.process_count())
   tx, schedule = make_optimizer(config.optimizer, tc.num_steps)
+  # Measured on this process's devices, before the global mesh becomes current.
+  peak = tc.peak_flops_per_device or metrics_lib.measure_peak_flops(config.model.dtype)
+  peak_total = peak * jax.device_count()
 
   with parallel.use_mesh(mesh, rules):
     model = task.build_model(mesh, rules)
@@ -222,8 +225,6 @@ def train(config, workdir: str, task: Task) -> dict:
 
     writer = metrics_lib.MetricWriter(workdir, total=tc.num_steps, initial=start,
                                       progress_bar=tc.progress_bar)
-    peak = tc.peak_flops_per_device or metrics_lib.measure_peak_flops(config.model.dtype)
-    peak_total = peak * jax.device_count()
     summary: dict = {}
     eval_args = (task, graphdef)
     if start == 0:

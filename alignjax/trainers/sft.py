@@ -29,8 +29,11 @@ def make_loss_fn(chunk_size: int):
   return loss_fn
 
 
-def arithmetic_accuracy(model, tokenizer, examples, max_new_tokens: int = 8) -> float:
-  """Exact-match accuracy of greedy answers on (prompt, answer) pairs."""
+def arithmetic_accuracy(model, tokenizer, examples, max_new_tokens: int = 0) -> float:
+  """Exact-match accuracy of greedy answers on (prompt, answer) pairs.
+  `max_new_tokens` 0: the longest answer's length + 1 (for the end token)."""
+  if max_new_tokens <= 0:
+    max_new_tokens = max(len(tokenizer.encode(a)) for _, a in examples) + 1
   prompts = [tokenizer.encode(p, add_bos=tokenizer.add_bos_token) for p, _ in examples]
   outs = greedy_generate(model, prompts, max_new_tokens=max_new_tokens,
                          pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
@@ -57,7 +60,8 @@ def build_task(config, tokenizer=None) -> loop.Task:
         config.sft.eval_examples, config.seed, max_digits=opts.max_digits, ops=opts.ops)
 
     def evaluate(model, step):
-      return {"eval_accuracy": arithmetic_accuracy(model, tokenizer, examples)}
+      return {"eval_accuracy": arithmetic_accuracy(model, tokenizer, examples,
+                                                   config.sft.max_new_tokens)}
 
   return loop.Task(
       build_model=lambda mesh, rules: common.build_model(config, cfg, mesh, rules),
