@@ -28,7 +28,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["alignjax=alignjax.main:run"]},
 )

@@ -155,8 +155,9 @@ def test_array_record_source(tmp_path):
 
 def test_default_config_keys():
   cfg = data.default_data_config()
-  assert set(cfg) == {"train_files", "eval_files", "format", "packing", "truncation",
-                      "skip_malformed", "shuffle", "synthetic", "arithmetic"}
+  assert set(cfg) == {"seq_len", "batch_size", "train_files", "eval_files", "format",
+                      "packing", "truncation", "skip_malformed", "shuffle", "synthetic",
+                      "arithmetic"}
   assert (cfg.format, cfg.packing, cfg.truncation, cfg.skip_malformed, cfg.shuffle,
           cfg.synthetic) == ("auto", False, "right", False, True, "")
 

@@ -202,3 +202,22 @@ def test_sigterm_to_main_saves_and_exits_143(tmp_path):
   saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
   assert len(saved) == 1 and saved[0] >= 3
   assert "resume" in out
+
+
+def test_crash_resume_from_older_checkpoint(tmp_path):
+  """A crash after step 12 whose last durable checkpoint is step 4: the rerun redoes steps
+  5-12 with the same losses, and metrics.jsonl keeps one row per step."""
+  import shutil
+  config = tiny_config()
+  sft.run(config, str(tmp_path))
+  before = read_metrics(tmp_path)
+  for step in ("8", "12"):
+    shutil.rmtree(tmp_path / "checkpoints" / step)
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 13, "loss": 1')  # a torn line from the crash
+  sft.run(config, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  steps = [r["step"] for r in rows if "loss" in r]
+  assert steps == list(range(1, 13))
+  after = read_metrics(tmp_path)
+  np.testing.assert_allclose([after[s] for s in steps], [before[s] for s in steps], rtol=1e-6)

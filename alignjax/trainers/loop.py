@@ -177,7 +177,8 @@ def evaluate(task: Task, graphdef, params, eval_step, mesh, rules, num_batches: 
           raise ValueError("The eval data yielded no batch on this host; add eval records or "
                            "set train.eval_steps=0.")
         batch = {k: np.zeros_like(v) for k, v in template.items()}
-      template = template or batch
+      if template is None:
+        template = batch
       res = eval_step(params, parallel.shard_batch(batch, mesh, rules))
       totals = res if totals is None else jax.tree.map(jnp.add, totals, res)
     if totals is not None:
@@ -226,9 +227,12 @@ def train(config, workdir: str, task: Task) -> dict:
     writer = metrics_lib.MetricWriter(workdir, total=tc.num_steps, initial=start,
                                       progress_bar=tc.progress_bar)
     summary: dict = {}
-    eval_args = (task, graphdef)
+
+    def run_eval(params, step):
+      return evaluate(task, graphdef, params, eval_step, mesh, rules, tc.eval_steps, step)
+
     if start == 0:
-      initial = evaluate(*eval_args, state.params, eval_step, mesh, rules, tc.eval_steps, 0)
+      initial = run_eval(state.params, 0)
       summary.update({f"initial_{k}": v for k, v in initial.items()})
       writer.write(0, summary)
 
@@ -251,8 +255,7 @@ def train(config, workdir: str, task: Task) -> dict:
           writer.write(step, {k: float(v) for k, v in m.items()})
           summary.update({k: float(v) for k, v in m.items()})
         if tc.eval_every and step % tc.eval_every == 0 and not is_last:
-          res = evaluate(*eval_args, state.params, eval_step, mesh, rules, tc.eval_steps, step)
-          writer.write(step, res)
+          writer.write(step, run_eval(state.params, step))
         stop = preempt.requested if jax.process_count() == 1 else (
             step % tc.log_every == 0 and preempt.agreed())
         if is_last or stop or step % config.checkpoint.every == 0:
@@ -264,7 +267,7 @@ def train(config, workdir: str, task: Task) -> dict:
           summary["preempted_at"] = step
           return summary
     checkpointer.wait()
-    res = evaluate(*eval_args, state.params, eval_step, mesh, rules, tc.eval_steps, step)
+    res = run_eval(state.params, step)
     writer.write(step, res)
     writer.close()
     summary.update(res)

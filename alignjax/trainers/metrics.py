@@ -24,6 +24,27 @@ def local_metrics_dir(workdir: str) -> str:
   return os.path.join("/tmp/alignjax_metrics", workdir.rstrip("/").rsplit("/", 1)[-1])
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+  """On resume from `step`, forget rows of steps after it (a crashed run logged them; they
+  are about to be recomputed), so metrics.jsonl has one row set per step."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line)
+    except (ValueError, KeyError):  # a torn last line from a crash
+      pass
+  if len(keep) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+
+
 class MetricWriter:
   """Writes scalar metrics from process 0 only; other processes are silent."""
 
@@ -34,7 +55,9 @@ class MetricWriter:
       return
     workdir = local_metrics_dir(workdir)
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_rows_after(path, initial)
+    self._jsonl = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
