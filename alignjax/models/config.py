@@ -58,7 +58,8 @@ class ModelConfig:
     if self.family not in ("llama", "qwen2", "qwen3"):
       raise ValueError(f"model.family={self.family!r}; expected 'llama', 'qwen2' or 'qwen3'.")
     to_dtype(self.param_dtype), to_dtype(self.dtype)
-    kind = (self.rope_scaling or {}).get("rope_type", "default")
+    scaling = self.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
       raise ValueError(f"rope_scaling rope_type={kind!r} is not supported; alignjax implements "
                        "'default', 'linear' and 'llama3'.")

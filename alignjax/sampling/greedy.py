@@ -50,9 +50,12 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   """Greedy continuations of token-id prompts; each is cut at (and excludes) `eos_id`."""
   tokens, mask = left_pad(prompts, pad_id)
   # Prompts are replicated on the model's mesh; every process passes the same prompts.
-  mesh = jax.tree.leaves(nnx.state(model))[0].sharding.mesh
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  place = lambda x: jax.make_array_from_process_local_data(replicated, x)
+  mesh = getattr(jax.tree.leaves(nnx.state(model))[0].sharding, "mesh", None)
+  if mesh is None:  # an unsharded model on one device
+    place = jnp.asarray
+  else:
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    place = lambda x: jax.make_array_from_process_local_data(replicated, x)
   out = _generate(model, place(tokens), place(mask), max_new_tokens)
   out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
   result = []

@@ -26,7 +26,8 @@ def local_metrics_dir(workdir: str) -> str:
 
 def _drop_rows_after(path: str, step: int) -> None:
   """On resume from `step`, forget rows of steps after it (a crashed run logged them; they
-  are about to be recomputed), so metrics.jsonl has one row set per step."""
+  are about to be recomputed), so metrics.jsonl has one row set per step. A run starting
+  from scratch (step 0) in a reused workdir starts a fresh file."""
   if not os.path.exists(path):
     return
   with open(path) as f:
@@ -34,7 +35,7 @@ def _drop_rows_after(path: str, step: int) -> None:
   keep = []
   for line in lines:
     try:
-      if json.loads(line)["step"] <= step:
+      if 0 < json.loads(line)["step"] <= step:
         keep.append(line)
     except (ValueError, KeyError):  # a torn last line from a crash
       pass
