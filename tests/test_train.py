@@ -219,5 +219,6 @@ def test_crash_resume_from_older_checkpoint(tmp_path):
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   steps = [r["step"] for r in rows if "loss" in r]
   assert steps == list(range(1, 13))
+  assert sum("initial_eval_accuracy" in r for r in rows) == 1  # step 0 is kept on resume
   after = read_metrics(tmp_path)
   np.testing.assert_allclose([after[s] for s in steps], [before[s] for s in steps], rtol=1e-6)

@@ -35,7 +35,7 @@ def _drop_rows_after(path: str, step: int) -> None:
   keep = []
   for line in lines:
     try:
-      if 0 < json.loads(line)["step"] <= step:
+      if step > 0 and json.loads(line)["step"] <= step:
         keep.append(line)
     except (ValueError, KeyError):  # a torn last line from a crash
       pass
