@@ -418,3 +418,35 @@ def test_export_keeps_v4_torch_dtype_in_step(fixtures_dir, tmp_path):
   assert cfg["torch_dtype"] == cfg["dtype"] == "bfloat16"
   assert load_file(os.path.join(out, "model.safetensors"))["lm_head.weight"].dtype.name == \
       "bfloat16"
+
+
+# ------------------------------------------------------------------------------ reward models
+def test_hf_reward_model_parity_and_round_trip(fixtures_dir, tmp_path):
+  """LlamaForSequenceClassification scores (transformers) = alignjax linear-head reward model;
+  export -> re-import is bit-exact and reproduces the original tensors."""
+  from alignjax.models import reward
+  d = os.path.join(fixtures_dir, "llama_rm")
+  ref = np.load(os.path.join(d, "reference.npz"))
+  model = reward.load_hf_reward_model(d)
+  scores = np.asarray(model(ref["input_ids"], segment_ids_BxL=ref["attention_mask"]))
+  assert scores.shape == (2, 1, 1)
+  np.testing.assert_allclose(scores[:, 0], ref["scores"], rtol=0, atol=1e-4)
+  out = str(tmp_path / "rm")
+  reward.save_hf_reward_model(model, out, like=d)
+  again = reward.load_hf_reward_model(out)
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  orig, new = load_file(os.path.join(d, "model.safetensors")), load_file(
+      os.path.join(out, "model.safetensors"))
+  assert set(orig) == set(new) and "score.weight" in new and "lm_head.weight" not in new
+  for k in orig:
+    np.testing.assert_array_equal(orig[k], new[k])
+  cfg = json.load(open(os.path.join(out, "config.json")))
+  assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 1
+
+
+def test_reward_backbone_from_causal_lm_ignores_lm_head(fixtures_dir):
+  m = hf.load_hf_model(model_dir(fixtures_dir, "llama"), lm_head=False)
+  assert not hasattr(m, "lm_head")
+  full = hf.load_hf_model(model_dir(fixtures_dir, "llama"))
+  np.testing.assert_array_equal(np.asarray(m.embed[...]), np.asarray(full.embed[...]))

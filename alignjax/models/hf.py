@@ -108,7 +108,7 @@ def config_to_hf(cfg: ModelConfig, base: dict | None = None) -> dict:
   return hf
 
 
-def _param_map(cfg: ModelConfig) -> Iterator[tuple[tuple, str, Any, Any]]:
+def _param_map(cfg: ModelConfig, lm_head: bool = True) -> Iterator[tuple[tuple, str, Any, Any]]:
   """Yields (alignjax path, HF name, to_alignjax(np), to_hf(np)) for every parameter."""
   ident = (lambda w: w, lambda w: w)
   n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
@@ -123,7 +123,7 @@ def _param_map(cfg: ModelConfig) -> Iterator[tuple[tuple, str, Any, Any]]:
   out_proj = (lambda w: w.T.reshape(n, h, d), lambda w: w.reshape(n * h, d).T)
   yield ("embed",), "model.embed_tokens.weight", *ident
   yield ("final_norm", "scale"), "model.norm.weight", *ident
-  if not cfg.tie_embeddings:
+  if lm_head and not cfg.tie_embeddings:
     yield ("lm_head",), "lm_head.weight", *transpose
   for i in range(cfg.num_layers):
     p, a = ("layers", i), f"model.layers.{i}."
@@ -159,30 +159,39 @@ def _get(state, path):
   return state
 
 
-def load_hf_model(path: str, mesh=None, rules=None, **overrides) -> Transformer:
-  """Loads a local HF checkpoint into a Transformer, sharded on `mesh` if given.
+def read_config(path: str, **overrides) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, raw config.json dict) of a local HF checkpoint directory."""
+  where = os.path.join(path, "config.json")
+  raw = _read_json(where)
+  return config_from_hf(raw, where, **overrides), raw
 
-  `overrides` replace ModelConfig fields (e.g. dtype="bfloat16", remat="full").
-  Parameters are cast to `param_dtype`.
-  """
-  cfg = config_from_hf(_read_json(os.path.join(path, "config.json")),
-                       os.path.join(path, "config.json"), **overrides)
+
+def prefixed(mapping, prefix: tuple):
+  """A parameter map whose alignjax paths sit under `prefix` (e.g. a reward backbone)."""
+  for ours, name, to_ours, to_hf in mapping:
+    yield (*prefix, *ours), name, to_ours, to_hf
+
+
+def load_into(path: str, module_fn, mapping, mesh=None, rules=None,
+              ignorable: frozenset = frozenset()):
+  """Builds `module_fn()` abstractly and fills every parameter from the checkpoint at `path`
+  through `mapping` (tuples from `_param_map`), placing shard by shard on `mesh`. Tensors in
+  the checkpoint that nothing uses are an error (unless in `ignorable`)."""
+  mapping = list(mapping)
   files = _weight_files(path)
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
   mesh = mesh or parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  graphdef, state = nnx.split(nnx.eval_shape(module_fn))
   shardings = parallel.state_shardings(state, mesh, rules)
-  handles: dict[str, Any] = {}
-  expected = {name for _, name, _, _ in _param_map(cfg)}
-  ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+  expected = {name for _, name, _, _ in mapping}
   unused = sorted(n for n in files if n not in expected and n not in ignorable
                   and not n.endswith("rotary_emb.inv_freq"))
   if unused:
-    raise ValueError(f"{path}: tensors not used by a {cfg.family} model with this config: "
-                     f"{unused[:5]}{' ...' if len(unused) > 5 else ''}; the checkpoint's "
-                     "architecture is not supported as is.")
+    raise ValueError(f"{path}: tensors not used by this architecture and config: "
+                     f"{unused[:5]}{' ...' if len(unused) > 5 else ''}; the checkpoint is not "
+                     "supported as is.")
+  handles: dict[str, Any] = {}
   try:
-    for ours, name, to_ours, _ in _param_map(cfg):
+    for ours, name, to_ours, _ in mapping:
       if name not in files:
         raise KeyError(f"{path}: tensor {name!r} is missing from the checkpoint.")
       fname = files[name]
@@ -204,35 +213,63 @@ def load_hf_model(path: str, mesh=None, rules=None, **overrides) -> Transformer:
   return nnx.merge(graphdef, state)
 
 
+def load_hf_model(path: str, mesh=None, rules=None, lm_head: bool = True,
+                  **overrides) -> Transformer:
+  """Loads a local HF causal-LM checkpoint into a Transformer, sharded on `mesh` if given.
+
+  `overrides` replace ModelConfig fields (e.g. dtype="bfloat16", remat="full").
+  Parameters are cast to `param_dtype`. `lm_head=False` builds a backbone without the LM head
+  (for reward and value models); the checkpoint's `lm_head.weight` is then ignored.
+  """
+  cfg, _ = read_config(path, **overrides)
+  ignorable = frozenset({"lm_head.weight"}) if (cfg.tie_embeddings or not lm_head) else frozenset()
+  return load_into(path, lambda: Transformer(cfg, rngs=nnx.Rngs(0), lm_head=lm_head),
+                   _param_map(cfg, lm_head), mesh, rules, ignorable)
+
+
+def gather_tensors(module, mapping, dtype: str | None = None) -> dict[str, np.ndarray]:
+  """HF-named numpy tensors of `module`'s parameters (gathered across hosts)."""
+  state = nnx.state(module)
+  tensors = {}
+  for ours, name, _, to_hf in mapping:
+    value = _get(state, ours).get_value()
+    value = np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    if dtype:
+      value = value.astype(np.dtype(jax.numpy.dtype(dtype)))
+    tensors[name] = np.ascontiguousarray(to_hf(value))
+  return tensors
+
+
 def save_hf_model(model: Transformer, path: str, *, like: str | None = None,
                   dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-  """Writes `model` as a HF checkpoint directory (config.json + safetensors).
+  """Writes `model` as a HF causal-LM checkpoint directory (config.json + safetensors).
 
   `like`: a HF checkpoint dir whose config keys and shard layout (index weight_map) are
   reused, so import -> export reproduces the original layout. Otherwise tensors are split
   into shards of at most `max_shard_bytes`. `dtype` casts on export (default: param dtype).
   Only process 0 writes; the directory appears atomically (written to a temp dir, renamed).
   """
-  cfg = model.cfg
-  base, layout = {}, None
-  if like:
-    base = _read_json(os.path.join(like, "config.json"))
-    index = os.path.join(like, INDEX_FILE)
-    if os.path.exists(index):
-      layout = _read_json(index)["weight_map"]
-  hf_cfg = config_to_hf(cfg, base)
+  base = _read_json(os.path.join(like, "config.json")) if like else {}
+  tensors = gather_tensors(model, _param_map(model.cfg), dtype)
+  write_checkpoint(path, tensors, config_to_hf(model.cfg, base), like=like, dtype=dtype,
+                   max_shard_bytes=max_shard_bytes)
+
+
+def write_checkpoint(path: str, tensors: dict[str, np.ndarray], hf_cfg: dict, *,
+                     like: str | None = None, dtype: str | None = None,
+                     max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes HF-named tensors and a config dict as a checkpoint directory (process 0 only,
+  atomically). With `like`, its index layout is reused and its tokenizer files copied."""
+  hf_cfg = dict(hf_cfg)
   if dtype:
     hf_cfg["dtype"] = dtype
   if "torch_dtype" in hf_cfg:  # a transformers v4 config: keep its key in step
     hf_cfg["torch_dtype"] = hf_cfg["dtype"]
-  state = nnx.state(model)
-  tensors: dict[str, np.ndarray] = {}
-  for ours, name, _, to_hf in _param_map(cfg):
-    value = _get(state, ours).get_value()
-    value = np.asarray(multihost_utils.process_allgather(value, tiled=True))
-    if dtype:
-      value = value.astype(np.dtype(jax.numpy.dtype(dtype)))
-    tensors[name] = np.ascontiguousarray(to_hf(value))
+  layout = None
+  if like and os.path.exists(os.path.join(like, INDEX_FILE)):
+    layout = _read_json(os.path.join(like, INDEX_FILE))["weight_map"]
+    if set(layout) != set(tensors):
+      layout = None  # a different set of tensors: lay out afresh
   if jax.process_index() != 0:
     return
   if layout is None:

@@ -172,21 +172,22 @@ _REMAT_POLICIES = {
 
 
 class Transformer(nnx.Module):
-  """Decoder-only LM. `hidden(...)` gives final-normed states; `logits(h)` the LM head.
+  """Decoder-only LM. `hidden(...)` gives final-normed states; `logits(h)` the LM head
+  (absent with `lm_head=False` for untied models: reward and value backbones).
 
   Inputs: tokens [B,L] int; positions [B,L] (default 0..L-1); segment_ids [B,L] (0 marks
   padding; equal non-zero ids attend to each other causally — packed sequences). Output of
   `__call__`: logits [B,L,V] in the compute dtype.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
     self.cfg = cfg
     pd = to_dtype(cfg.param_dtype)
     self.embed = _param(rngs, nnx.initializers.normal(cfg.init_std),
                         (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
-    if not cfg.tie_embeddings:
+    if lm_head and not cfg.tie_embeddings:  # reward/value models read hidden states only
       self.lm_head = _param(rngs, nnx.initializers.normal(cfg.init_std),
                             (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
 
@@ -227,6 +228,6 @@ class Transformer(nnx.Module):
     return self.logits(self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL))
 
 
-def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+def init_model(cfg: ModelConfig, seed: int = 0, lm_head: bool = True) -> Transformer:
   """An unsharded model (use `parallel.create_sharded(lambda: init_model(...), mesh)`)."""
-  return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+  return Transformer(cfg, rngs=nnx.Rngs(params=seed), lm_head=lm_head)

@@ -40,6 +40,7 @@ from transformers import (  # noqa: E402
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -418,6 +419,30 @@ def main() -> None:
         shutil.copy(OUT / "tokenizer_config.json", d / "tokenizer_config.json")
         np.savez(d / "reference.npz", input_ids=input_ids, attention_mask=attention_mask, logits=logits)
         print(f"[{name}] saved {sorted(p.name for p in d.iterdir())}; |logits| max {np.abs(logits).max():.3f}")
+
+    # A reward model in the HF sequence-classification layout (backbone + score, no lm_head):
+    # scores read at the last non-pad token, as alignjax's reward head does.
+    rm_cls_config = make_configs(vocab_size, eos_id, pad_id)["llama"][1]
+    rm_cls_config.num_labels = 1
+    d = OUT / "llama_rm"
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    torch.manual_seed(SEED + 10)
+    rm = LlamaForSequenceClassification(rm_cls_config).to(torch.float32)
+    init_weights(rm, torch.Generator().manual_seed(1010))
+    rm.set_attn_implementation("eager")
+    rm.eval()
+    with torch.no_grad():
+        scores = rm(input_ids=torch.from_numpy(input_ids.astype(np.int64)),
+                    attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
+                    use_cache=False).logits.float().numpy()
+    assert scores.shape == (2, 1) and np.isfinite(scores).all()
+    rm.save_pretrained(str(d), safe_serialization=True)
+    shutil.copy(OUT / "tokenizer.json", d / "tokenizer.json")
+    shutil.copy(OUT / "tokenizer_config.json", d / "tokenizer_config.json")
+    np.savez(d / "reference.npz", input_ids=input_ids, attention_mask=attention_mask, scores=scores)
+    print(f"[llama_rm] saved {sorted(p.name for p in d.iterdir())}; scores {scores.ravel()}")
 
     # Tokenizer reference: computed with AutoTokenizer on each model dir; must agree.
     refs = {name: tokenizer_reference(OUT / name) for name in ("llama", "qwen2", "qwen3")}
