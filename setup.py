@@ -26,6 +26,7 @@ setup(
         "pyarrow>=15",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8"],
