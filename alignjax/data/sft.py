@@ -27,7 +27,7 @@ from alignjax.data import synthetic as synthetic_lib
 from alignjax.data.records import RecordError
 
 TRUNCATIONS = ("right", "left", "error")
-_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
+READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -48,13 +48,10 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 @dataclasses.dataclass
-class SFTStats:
-  """Counters of one pipeline, updated as records are read (including prefetch read-ahead and
-  re-reads after `set_state`; not part of the checkpointed state)."""
-
-  examples: int = 0          # records tokenised
-  truncated: int = 0         # of which were longer than seq_len and truncated
-  skipped_malformed: int = 0  # records skipped with data.skip_malformed=True
+class Counters:
+  """Base of a pipeline's counters (subclasses declare int fields), updated as records are read
+  (including prefetch read-ahead and re-reads after `set_state`; not part of the checkpointed
+  state). Thread-safe: grain reads ahead with several threads."""
 
   def __post_init__(self):
     self._lock = threading.Lock()
@@ -68,7 +65,17 @@ class SFTStats:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def _render(tokenizer, messages, where: str, **kw) -> str:
+@dataclasses.dataclass
+class SFTStats(Counters):
+  """Counters of one SFT pipeline (see Counters)."""
+
+  examples: int = 0          # records tokenised
+  truncated: int = 0         # of which were longer than seq_len and truncated
+  skipped_malformed: int = 0  # records skipped with data.skip_malformed=True
+
+
+def render_chat(tokenizer, messages, where: str, **kw) -> str:
+  """`tokenizer.apply_chat_template(messages, **kw)`; template errors become RecordErrors."""
   try:
     return tokenizer.apply_chat_template(messages, **kw)
   except jinja2.TemplateError as e:
@@ -83,13 +90,13 @@ def _chat_pieces(rec: dict[str, Any], tokenizer, where: str) -> list[tuple[str, 
   render(messages[:i], add_generation_prompt=True); both must be prefixes of the full render.
   """
   msgs, start = rec["messages"], rec["completion_start"]
-  full = _render(tokenizer, msgs, where)
+  full = render_chat(tokenizer, msgs, where)
   pieces, pos = [], 0
   for i, m in enumerate(msgs):
     if i < start or m["role"] != "assistant":
       continue
-    prefix = _render(tokenizer, msgs[:i], where, add_generation_prompt=True)
-    upto = _render(tokenizer, msgs[:i + 1], where)
+    prefix = render_chat(tokenizer, msgs[:i], where, add_generation_prompt=True)
+    upto = render_chat(tokenizer, msgs[:i + 1], where)
     if not (full.startswith(upto) and upto.startswith(prefix) and len(prefix) >= pos):
       raise RecordError(
           where, f"messages[{i}]", "the chat template does not render this conversation "
@@ -129,34 +136,46 @@ def tokenize_sft(record: dict[str, Any], tokenizer, where: str = "<record>"
   return tokens, loss_mask
 
 
-class _Example:
-  """Map function: record index -> {"tokens", "loss_mask"} (truncated), or None if skipped."""
+class RecordMap:
+  """Map function: record index -> build(record, where), or None when the record is malformed
+  and `skip_malformed` is set (counted in stats.skipped_malformed). Built records are counted in
+  stats.examples; a RecordError raised by `build` names the record's location."""
 
-  def __init__(self, source, tokenizer, seq_len: int, truncation: str, skip_malformed: bool,
-               stats: SFTStats):
-    self.source, self.tokenizer, self.seq_len = source, tokenizer, seq_len
-    self.truncation, self.skip_malformed, self.stats = truncation, skip_malformed, stats
+  def __init__(self, source, build, *, skip_malformed: bool, stats: Counters):
+    self.source, self.build, self.skip_malformed, self.stats = source, build, skip_malformed, stats
 
-  def __call__(self, index: int) -> dict[str, np.ndarray] | None:
+  def __call__(self, index: int):
     where = self.source.where(index)
     try:
-      record = records_lib.validate_sft(self.source[index], where)
-      tokens, loss_mask = tokenize_sft(record, self.tokenizer, where)
-      if len(tokens) > self.seq_len:
-        if self.truncation == "error":
-          raise RecordError(where, None, f"{len(tokens)} tokens exceed seq_len={self.seq_len}",
-                            "shorten it, or set data.truncation to 'right' or 'left'")
-        keep = slice(None, self.seq_len) if self.truncation == "right" else slice(-self.seq_len,
-                                                                                  None)
-        tokens, loss_mask = tokens[keep], loss_mask[keep].copy()
-        loss_mask[0] = 0.0
-        self.stats.add(truncated=1)
+      example = self.build(self.source[index], where)
     except RecordError:
       if not self.skip_malformed:
         raise
       self.stats.add(skipped_malformed=1)
       return None
     self.stats.add(examples=1)
+    return example
+
+
+class _SFTExample:
+  """build(record, where) -> {"tokens", "loss_mask"}, truncated to seq_len."""
+
+  def __init__(self, tokenizer, seq_len: int, truncation: str, stats: SFTStats):
+    self.tokenizer, self.seq_len = tokenizer, seq_len
+    self.truncation, self.stats = truncation, stats
+
+  def __call__(self, raw: Any, where: str) -> dict[str, np.ndarray]:
+    record = records_lib.validate_sft(raw, where)
+    tokens, loss_mask = tokenize_sft(record, self.tokenizer, where)
+    if len(tokens) > self.seq_len:
+      if self.truncation == "error":
+        raise RecordError(where, None, f"{len(tokens)} tokens exceed seq_len={self.seq_len}",
+                          "shorten it, or set data.truncation to 'right' or 'left'")
+      keep = slice(None, self.seq_len) if self.truncation == "right" else slice(-self.seq_len,
+                                                                                None)
+      tokens, loss_mask = tokens[keep], loss_mask[keep].copy()
+      loss_mask[0] = 0.0
+      self.stats.add(truncated=1)
     return {"tokens": tokens, "loss_mask": loss_mask}
 
 
@@ -179,17 +198,19 @@ def _from_packed(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
               positions=x["tokens_positions"].astype(np.int32))
 
 
-def _not_none(x) -> bool:
+def not_none(x) -> bool:
   return x is not None
 
 
-def open_sft_source(data_cfg, *, split: str = "train", seed: int = 0):
-  """The random-access record source of `split` ("train"/"eval"): files or a synthetic task."""
+def open_records(data_cfg, *, split: str, seed: int, kind: str):
+  """The random-access record source of `split` ("train"/"eval"): data.{split}_files, or the
+  synthetic task data.synthetic (its options are data.<task name>) making `kind` records."""
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-  if data_cfg.get("synthetic"):
-    return synthetic_lib.synthetic_source(data_cfg["synthetic"], seed=seed, split=split,
-                                          options=data_cfg.get("arithmetic"))
+  name = data_cfg.get("synthetic")
+  if name:
+    return synthetic_lib.synthetic_source(name, seed=seed, split=split, kind=kind,
+                                          options=data_cfg.get(name))
   files = data_cfg.get(f"{split}_files")
   if not files:
     raise ValueError(f"data.{split}_files is empty; set it to a path, glob or comma-separated "
@@ -197,11 +218,14 @@ def open_sft_source(data_cfg, *, split: str = "train", seed: int = 0):
   return sources_lib.open_source(files, data_cfg.get("format", "auto"))
 
 
-def make_sft_dataset(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int,
-                     process_index: int | None = None, process_count: int | None = None,
-                     split: str = "train", num_epochs: int | None = None
-                     ) -> tuple[grain.IterDataset, SFTStats]:
-  """The grain IterDataset of this host's batches, and its counters. See make_sft_iterator."""
+def open_sft_source(data_cfg, *, split: str = "train", seed: int = 0):
+  """The random-access SFT record source of `split` ("train"/"eval"): files or a synthetic task."""
+  return open_records(data_cfg, split=split, seed=seed, kind="sft")
+
+
+def host_batch_size(global_batch_size: int, process_index: int | None,
+                    process_count: int | None) -> tuple[int, int, int]:
+  """(process_index, process_count, rows per host); None means "ask jax". Checks divisibility."""
   if process_index is None or process_count is None:
     import jax
     process_index = jax.process_index() if process_index is None else process_index
@@ -211,7 +235,38 @@ def make_sft_dataset(data_cfg, tokenizer, *, seq_len: int, global_batch_size: in
                      f"processes ({process_count}); choose a multiple of {process_count}")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-  per_host = global_batch_size // process_count
+  return process_index, process_count, global_batch_size // process_count
+
+
+def host_records(num_records: int, *, seed: int, shuffle: bool, num_epochs: int | None,
+                 process_index: int, process_count: int) -> grain.MapDataset:
+  """This host's record indices: the global order (shuffled per epoch from `seed` if `shuffle`,
+  repeated `num_epochs` times, None = forever), every `process_count`-th from `process_index`."""
+  ds = grain.MapDataset.range(num_records).seed(seed)
+  if shuffle:
+    ds = ds.shuffle()
+  ds = ds.repeat(num_epochs)
+  return ds[process_index::process_count]  # This host's share of the global order.
+
+
+def batch_examples(examples: grain.IterDataset, rows: int, *, num_epochs: int | None,
+                   pad_id: int) -> grain.IterDataset:
+  """Batches fixed-shape examples into `rows` rows. Training (num_epochs=None) drops the
+  remainder; a finite pass keeps every example and fills the last batch with rows of zeros
+  (`tokens` = pad_id), so masks (segment_ids, loss_mask, example_mask, ...) are 0 there."""
+  if num_epochs is None:
+    return examples.batch(rows, drop_remainder=True)
+  batched = examples.batch(rows, drop_remainder=False)
+  return batched.map(functools.partial(_fill_batch, rows=rows, pad_id=pad_id))
+
+
+def make_sft_dataset(data_cfg, tokenizer, *, seq_len: int, global_batch_size: int, seed: int,
+                     process_index: int | None = None, process_count: int | None = None,
+                     split: str = "train", num_epochs: int | None = None
+                     ) -> tuple[grain.IterDataset, SFTStats]:
+  """The grain IterDataset of this host's batches, and its counters. See make_sft_iterator."""
+  process_index, process_count, per_host = host_batch_size(global_batch_size, process_index,
+                                                           process_count)
   truncation = data_cfg.get("truncation", "right")
   if truncation not in TRUNCATIONS:
     raise ValueError(f"data.truncation must be one of {TRUNCATIONS}, got {truncation!r}")
@@ -222,14 +277,13 @@ def make_sft_dataset(data_cfg, tokenizer, *, seq_len: int, global_batch_size: in
   if len(source) == 0:
     raise ValueError(f"the {split} data has no records")
   stats = SFTStats()
-  ds = grain.MapDataset.range(len(source)).seed(seed)
-  if data_cfg.get("shuffle", True) and split == "train":
-    ds = ds.shuffle()
-  ds = ds.repeat(num_epochs)
-  ds = ds[process_index::process_count]  # This host's share of the global order.
-  ds = ds.map(_Example(source, tokenizer, seq_len, truncation,
-                       bool(data_cfg.get("skip_malformed", False)), stats))
-  it_ds = ds.to_iter_dataset(_READ_OPTIONS).filter(_not_none)
+  ds = host_records(len(source), seed=seed,
+                    shuffle=bool(data_cfg.get("shuffle", True)) and split == "train",
+                    num_epochs=num_epochs, process_index=process_index,
+                    process_count=process_count)
+  ds = ds.map(RecordMap(source, _SFTExample(tokenizer, seq_len, truncation, stats),
+                        skip_malformed=bool(data_cfg.get("skip_malformed", False)), stats=stats))
+  it_ds = ds.to_iter_dataset(READ_OPTIONS).filter(not_none)
   if data_cfg.get("packing", False):
     it_ds = grain.experimental.FirstFitPackIterDataset(
         it_ds, length_struct={"tokens": seq_len, "loss_mask": seq_len}, num_packing_bins=per_host,
@@ -237,15 +291,11 @@ def make_sft_dataset(data_cfg, tokenizer, *, seq_len: int, global_batch_size: in
         padding_struct={"tokens": tokenizer.pad_id, "loss_mask": 0.0}).map(_from_packed)
   else:
     it_ds = it_ds.map(functools.partial(_pad, seq_len=seq_len, pad_id=tokenizer.pad_id))
-  if num_epochs is None:
-    return it_ds.batch(per_host, drop_remainder=True), stats
-  # A finite pass (evaluation) keeps every example: the last batch is filled with empty rows.
-  batched = it_ds.batch(per_host, drop_remainder=False)
-  return batched.map(functools.partial(_fill_batch, rows=per_host, pad_id=tokenizer.pad_id)), stats
+  return batch_examples(it_ds, per_host, num_epochs=num_epochs, pad_id=tokenizer.pad_id), stats
 
 
 def _fill_batch(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Pads a partial batch to `rows` rows of padding (segment_ids 0, loss_mask 0)."""
+  """Pads a partial batch to `rows` rows of zeros (`tokens`: pad_id)."""
   return {k: np.concatenate([v, np.full((rows - len(v),) + v.shape[1:],
                                         pad_id if k == "tokens" else 0, v.dtype)])
           for k, v in batch.items()}

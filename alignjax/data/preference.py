@@ -1,0 +1,346 @@
+"""The preference grain pipeline: pairwise, listwise or rated records -> fixed-shape batches.
+
+Every example is K rows of prompt + response: K = 2 for pairwise (row 0 chosen, row 1 rejected),
+K = data.max_responses for listwise, K = 1 for rated. Batch format (numpy, per host, B =
+global_batch_size // process_count, L = seq_len):
+
+  tokens        int32   [B,K,L]  prompt + response, right-padded with tokenizer.pad_id
+  segment_ids   int32   [B,K,L]  1 on real tokens, 0 on padding
+  positions     int32   [B,K,L]  0, 1, 2, ... on real tokens, 0 on padding
+  response_mask float32 [B,K,L]  1 on response tokens (incl. the eos / end of turn), else 0
+  length        int32   [B,K]    response tokens per row (= response_mask.sum(-1))
+  example_mask  float32 [B]      1 for a real example, 0 for a filler row of a finite pass
+  source_id, user_id, subset_id, language_id  int32 [B]  ids in iterator.vocabularies
+  pairwise:  margin [B] (default 0), strength [B] (default 1), label [B] (1, 0 tie, -1;
+             default 1), all float32
+  listwise:  valid float32 [B,K], scores float32 [B,K] (0 where invalid), order int32 [B,K]
+             (indices best first, padded with the worst valid index), n int32 [B]
+  rated:     targets float32 [B,A], target_mask float32 [B,A], A = len(data.attributes)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from alignjax.data import records as records_lib
+from alignjax.data import sft as sft_lib
+from alignjax.data import sources as sources_lib
+from alignjax.data.records import PREFERENCE_KINDS, RecordError
+
+TRUNCATIONS = ("right", "error")
+DEFAULT_CONTEXT_TEMPLATE = "{context}\n\n{prompt}"
+# Record field -> (config key of its vocabulary, batch key of its id).
+VOCAB_FIELDS = {"source": ("sources", "source_id"), "user_id": ("users", "user_id"),
+                "subset": ("subsets", "subset_id"), "language": ("languages", "language_id")}
+# Fields whose empty vocabulary is read from the eval files (for evaluation grouping).
+_SCANNED_FIELDS = ("subset", "language")
+
+
+def default_preference_data_config() -> ml_collections.ConfigDict:
+  """Data config of the preference pipeline with every key set (see docs/data.md): the SFT keys
+  except `packing` and `arithmetic`, plus the preference keys."""
+  cfg = sft_lib.default_data_config()
+  del cfg["packing"], cfg["arithmetic"]
+  cfg.update(dict(
+      context_template=DEFAULT_CONTEXT_TEMPLATE,  # how "context"/"principle" joins the prompt
+      min_response_tokens=8,   # truncation keeps at least this many tokens of each response
+      max_responses=4,         # K of listwise batches
+      truncate_lists=False,    # listwise: keep the best max_responses (True) or raise (False)
+      attributes=(),           # rated: attribute names, the order of `targets`
+      sources=(),              # vocabulary of "source" (empty: every source_id is 0)
+      users=(),                # vocabulary of "user_id" (empty: every user_id is 0)
+      subsets=(),              # vocabulary of "subset" (empty: eval split reads it from files)
+      languages=(),            # vocabulary of "language" (same as subsets)
+      preference=dict(prompt_len=4, min_len=4, max_len=8, min_gap=1, num_responses=4,
+                      length_bias=False, num_records=1_000_000, eval_fraction=0.1),
+  ))
+  return cfg
+
+
+@dataclasses.dataclass
+class PreferenceStats(sft_lib.Counters):
+  """Counters of one preference pipeline (see sft.Counters for when they are updated)."""
+
+  examples: int = 0           # records turned into examples
+  truncated: int = 0          # of which had a prompt or response cut to fit seq_len
+  skipped_malformed: int = 0  # records skipped with data.skip_malformed=True
+  identical_pairs: int = 0    # pairwise records whose chosen equals rejected (kept)
+  truncated_lists: int = 0    # listwise records cut to data.max_responses (truncate_lists)
+
+
+def _response_names(kind: str, n: int) -> list[str]:
+  return {"pairwise": ["chosen", "rejected"], "rated": ["response"]}.get(
+      kind, [f"responses[{i}]" for i in range(n)])
+
+
+def _with_context(prompt, context: str | None, template: str, where: str):
+  """The prompt with `context` put in by `template` (for messages: into the first user turn)."""
+  if context is None:
+    return prompt
+  if isinstance(prompt, str):
+    return template.format(context=context, prompt=prompt)
+  for i, m in enumerate(prompt):
+    if m["role"] == "user":
+      return prompt[:i] + [{**m, "content": template.format(context=context,
+                                                            prompt=m["content"])}] + prompt[i + 1:]
+  raise RecordError(where, "context", "the prompt has no user message to put the context in")
+
+
+def encode_preference(record: dict[str, Any], tokenizer, where: str = "<record>", *,
+                      context_template: str = DEFAULT_CONTEXT_TEMPLATE,
+                      names: Sequence[str] | None = None) -> tuple[list[int], list[list[int]]]:
+  """Token ids (prompt, [response, ...]) of a normalised record (records.validate_preference),
+  untruncated. The model reads prompt + response.
+
+  Plain text: prompt = encode(prompt) (bos in front if tokenizer.add_bos_token), response =
+  encode(response) + [eos]. Conversational: prompt = render(prompt, add_generation_prompt=True),
+  response = render(prompt + response) minus that prefix (no extra eos: the template ends the
+  turn). A template that does not render incrementally raises a RecordError.
+  """
+  prompt = _with_context(record["prompt"], record.get("context"), context_template, where)
+  responses = record["responses"]
+  if isinstance(prompt, str):
+    return (tokenizer.encode(prompt, add_bos=tokenizer.add_bos_token),
+            [tokenizer.encode(r) + [tokenizer.eos_id] for r in responses])
+  head = sft_lib.render_chat(tokenizer, prompt, where, add_generation_prompt=True)
+  names = names or _response_names("listwise", len(responses))
+  out = []
+  for name, resp in zip(names, responses):
+    full = sft_lib.render_chat(tokenizer, prompt + resp, where)
+    if not full.startswith(head):
+      raise RecordError(where, name, "the chat template does not render this conversation "
+                        "incrementally (the prompt with the generation prompt is not a prefix "
+                        "of prompt + response rendered)", "fix the record or the template")
+    out.append(tokenizer.encode(full[len(head):]))
+  return tokenizer.encode(head), out
+
+
+def preference_rows(prompt: Sequence[int], responses: Sequence[Sequence[int]], *, seq_len: int,
+                    pad_id: int, num_rows: int | None = None, min_response_tokens: int = 8,
+                    truncation: str = "right", where: str = "<record>"
+                    ) -> tuple[dict[str, np.ndarray], bool]:
+  """Rows prompt + response (one per response, then `num_rows - len(responses)` empty rows).
+
+  Returns ({"tokens", "segment_ids", "positions", "response_mask": [R, seq_len],
+  "length": [R]}, truncated). All rows share the same prompt tokens. When prompt + the longest
+  response exceeds seq_len: with truncation "error" a RecordError is raised; with "right" the
+  prompt is cut from the left (keeping its end) until the responses have room for
+  min(longest, min_response_tokens) tokens, then the responses are cut from the right. The prompt
+  keeps at least one token. response_mask is 0 at position 0 (nothing predicts that token).
+  """
+  num_rows = len(responses) if num_rows is None else num_rows
+  p, r_max = len(prompt), max(len(r) for r in responses)
+  truncated = p + r_max > seq_len
+  if truncated:
+    if truncation == "error":
+      raise RecordError(where, None, f"{p + r_max} tokens (prompt {p} + longest response "
+                        f"{r_max}) exceed seq_len={seq_len}",
+                        "shorten it, or set data.truncation='right'")
+    room = min(max(seq_len - p, min(r_max, min_response_tokens)), seq_len - min(p, 1))
+    prompt = prompt[p - min(p, seq_len - room):]
+  rows = dict(tokens=np.full((num_rows, seq_len), pad_id, np.int32),
+              segment_ids=np.zeros((num_rows, seq_len), np.int32),
+              positions=np.zeros((num_rows, seq_len), np.int32),
+              response_mask=np.zeros((num_rows, seq_len), np.float32),
+              length=np.zeros((num_rows,), np.int32))
+  p = len(prompt)
+  for k, resp in enumerate(responses):
+    ids = list(prompt) + list(resp[:seq_len - p])
+    n = len(ids)
+    rows["tokens"][k, :n] = ids
+    rows["segment_ids"][k, :n] = 1
+    rows["positions"][k, :n] = np.arange(n)
+    rows["response_mask"][k, max(p, 1):n] = 1.0
+    rows["length"][k] = n - max(p, 1)
+  return rows, truncated
+
+
+class _PreferenceExample:
+  """build(record, where) -> one example (a dict of fixed-shape arrays, see module docstring)."""
+
+  def __init__(self, data_cfg, tokenizer, *, kind: str, seq_len: int,
+               vocabularies: dict[str, tuple[str, ...]], stats: PreferenceStats):
+    self.tokenizer, self.kind, self.seq_len, self.stats = tokenizer, kind, seq_len, stats
+    self.template = data_cfg.get("context_template", DEFAULT_CONTEXT_TEMPLATE)
+    self.min_response_tokens = int(data_cfg.get("min_response_tokens", 8))
+    self.truncation = data_cfg.get("truncation", "right")
+    self.attributes = tuple(data_cfg.get("attributes", ()))
+    self.max_responses = int(data_cfg.get("max_responses", 4))
+    self.truncate_lists = bool(data_cfg.get("truncate_lists", False))
+    self.rows = {"pairwise": 2, "listwise": self.max_responses, "rated": 1}[kind]
+    self.vocab_ids = {f: {v: i for i, v in enumerate(vocab)} for f, vocab in vocabularies.items()}
+
+  def _ids(self, record: dict[str, Any], where: str) -> dict[str, np.ndarray]:
+    out = {}
+    for field, (cfg_key, batch_key) in VOCAB_FIELDS.items():
+      ids = self.vocab_ids[field]
+      value = record[field] if record[field] is not None else ""
+      if ids and value not in ids:
+        names = ", ".join(repr(v) for v in list(ids)[:8]) + (", ..." if len(ids) > 8 else "")
+        raise RecordError(where, field, ("missing" if value == "" else f"{value!r} is not in "
+                          f"data.{cfg_key}") + f" (data.{cfg_key} = {names})",
+                          f"add it to data.{cfg_key} (or empty data.{cfg_key} to give every "
+                          f"record id 0), fix the record, or set data.skip_malformed=True to "
+                          "skip (and count) such records")
+      out[batch_key] = np.int32(ids.get(value, 0))
+    return out
+
+  def _keep_best(self, record: dict[str, Any], where: str) -> dict[str, Any]:
+    """Listwise: the best max_responses responses (in their original order), or an error."""
+    n = len(record["responses"])
+    if n <= self.max_responses:
+      return record
+    if not self.truncate_lists:
+      raise RecordError(where, "responses", f"{n} responses exceed data.max_responses="
+                        f"{self.max_responses}", "raise data.max_responses, or set "
+                        "data.truncate_lists=True to keep the best ones (counted)")
+    keep = sorted(record["order"][:self.max_responses])
+    scores = [record["scores"][i] for i in keep]
+    return {**record, "responses": [record["responses"][i] for i in keep], "scores": scores,
+            "order": records_lib.best_first(scores)}
+
+  def __call__(self, raw: Any, where: str) -> dict[str, np.ndarray]:
+    record = records_lib.validate_preference(raw, where, kind=self.kind,
+                                             attributes=self.attributes)
+    num_responses = len(record["responses"])
+    if self.kind == "listwise":
+      record = self._keep_best(record, where)
+    ids = self._ids(record, where)
+    n = len(record["responses"])
+    prompt, responses = encode_preference(record, self.tokenizer, where,
+                                          context_template=self.template,
+                                          names=_response_names(self.kind, n))
+    example, truncated = preference_rows(
+        prompt, responses, seq_len=self.seq_len, pad_id=self.tokenizer.pad_id,
+        num_rows=self.rows, min_response_tokens=self.min_response_tokens,
+        truncation=self.truncation, where=where)
+    self.stats.add(truncated=int(truncated), truncated_lists=int(n < num_responses))
+    example.update(ids, example_mask=np.float32(1.0))
+    if self.kind == "pairwise":
+      if record["responses"][0] == record["responses"][1]:
+        self.stats.add(identical_pairs=1)
+      example.update({k: np.float32(record[k]) for k in ("margin", "strength", "label")})
+    elif self.kind == "listwise":
+      k = self.rows
+      example["valid"] = (np.arange(k) < n).astype(np.float32)
+      example["scores"] = np.zeros(k, np.float32)
+      example["scores"][:n] = record["scores"]
+      example["order"] = np.full(k, record["order"][-1], np.int32)
+      example["order"][:n] = record["order"]
+      example["n"] = np.int32(n)
+    else:
+      targets = record["targets"]
+      example["targets"] = np.asarray([t or 0.0 for t in targets], np.float32)
+      example["target_mask"] = np.asarray([t is not None for t in targets], np.float32)
+    return example
+
+
+def _scan_vocabularies(source, fields: Sequence[str]) -> dict[str, tuple[str, ...]]:
+  """Sorted distinct string values of `fields` over all records ("" where a record lacks one);
+  a field no record has gets ()."""
+  seen = {f: set() for f in fields}
+  for i in range(len(source)):
+    try:
+      record = source[i]
+    except RecordError:
+      continue  # Reported (or skipped) when the pipeline reaches it.
+    if isinstance(record, dict):
+      for f in fields:
+        value = record.get(f, "")
+        if isinstance(value, str) or value is None:  # Others raise when the pipeline gets there.
+          seen[f].add(value or "")
+  return {f: tuple(sorted(values)) if values - {""} else () for f, values in seen.items()}
+
+
+def _check_config(data_cfg, kind: str, seq_len: int) -> None:
+  if kind not in PREFERENCE_KINDS:
+    raise ValueError(f"kind must be one of {PREFERENCE_KINDS}, got {kind!r}")
+  truncation = data_cfg.get("truncation", "right")
+  if truncation not in TRUNCATIONS:
+    raise ValueError(f"data.truncation must be one of {TRUNCATIONS} for preference data (right: "
+                     f"cut the prompt's start, then the responses' ends), got {truncation!r}")
+  if data_cfg.get("packing", False):
+    raise ValueError("data.packing is not supported for preference data; set it to False")
+  if seq_len < 2:
+    raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+  if int(data_cfg.get("min_response_tokens", 8)) < 1:
+    raise ValueError("data.min_response_tokens must be >= 1")
+  if kind == "listwise" and int(data_cfg.get("max_responses", 4)) < 2:
+    raise ValueError("data.max_responses must be >= 2 for listwise data")
+  if kind == "rated" and not data_cfg.get("attributes"):
+    raise ValueError("rated preference data needs data.attributes, the names of the scores to "
+                     "predict (e.g. ('helpfulness', 'correctness'))")
+  template = data_cfg.get("context_template", DEFAULT_CONTEXT_TEMPLATE)
+  try:
+    template.format(context="", prompt="")
+  except (KeyError, IndexError, ValueError) as e:
+    raise ValueError(f"data.context_template {template!r} is not a valid format string with "
+                     f"the fields {{context}} and {{prompt}} ({e!r})") from None
+  if "{context}" not in template or "{prompt}" not in template:
+    raise ValueError(f"data.context_template {template!r} must contain {{context}} and "
+                     "{prompt}")
+
+
+def make_preference_dataset(data_cfg, tokenizer, *, kind: str, seq_len: int,
+                            global_batch_size: int, seed: int, process_index: int | None = None,
+                            process_count: int | None = None, split: str = "train",
+                            num_epochs: int | None = None
+                            ) -> tuple[grain.IterDataset, PreferenceStats,
+                                       dict[str, tuple[str, ...]]]:
+  """(grain IterDataset of this host's batches, its counters, its vocabularies).
+  See make_preference_iterator."""
+  process_index, process_count, per_host = sft_lib.host_batch_size(
+      global_batch_size, process_index, process_count)
+  _check_config(data_cfg, kind, seq_len)
+  source = sft_lib.open_records(data_cfg, split=split, seed=seed, kind=kind)
+  if len(source) == 0:
+    raise ValueError(f"the {split} data has no records")
+  vocabularies = {f: tuple(data_cfg.get(cfg_key, ())) for f, (cfg_key, _) in VOCAB_FIELDS.items()}
+  scan = [f for f in _SCANNED_FIELDS if not vocabularies[f]]
+  if scan and split == "eval" and isinstance(source, sources_lib.ConcatSource):
+    vocabularies.update(_scan_vocabularies(source, scan))
+  stats = PreferenceStats()
+  ds = sft_lib.host_records(len(source), seed=seed,
+                            shuffle=bool(data_cfg.get("shuffle", True)) and split == "train",
+                            num_epochs=num_epochs, process_index=process_index,
+                            process_count=process_count)
+  build = _PreferenceExample(data_cfg, tokenizer, kind=kind, seq_len=seq_len,
+                             vocabularies=vocabularies, stats=stats)
+  ds = ds.map(sft_lib.RecordMap(source, build, stats=stats,
+                                skip_malformed=bool(data_cfg.get("skip_malformed", False))))
+  it_ds = ds.to_iter_dataset(sft_lib.READ_OPTIONS).filter(sft_lib.not_none)
+  batches = sft_lib.batch_examples(it_ds, per_host, num_epochs=num_epochs,
+                                   pad_id=tokenizer.pad_id)
+  return batches, stats, vocabularies
+
+
+def make_preference_iterator(data_cfg, tokenizer, *, kind: str, seq_len: int,
+                             global_batch_size: int, seed: int, process_index: int | None = None,
+                             process_count: int | None = None, split: str = "train",
+                             num_epochs: int | None = None) -> grain.DatasetIterator:
+  """This host's iterator of preference batches of `kind` ("pairwise", "listwise" or "rated");
+  see the module docstring for the batch format.
+
+  Order and checkpointing are those of make_sft_iterator: records shuffled globally from `seed`
+  (train split, data.shuffle), repeated `num_epochs` times (None = forever), host
+  `process_index` takes every `process_count`-th; get_state()/set_state() and
+  grain.checkpoint.CheckpointSave/CheckpointRestore work. A finite pass keeps every example and
+  fills its last batch with rows whose example_mask is 0.
+
+  Attributes: `iterator.stats` (PreferenceStats) and `iterator.vocabularies`, a dict from
+  "source", "user_id", "subset", "language" to the tuple of names that `source_id`, `user_id`,
+  `subset_id`, `language_id` index (() when every id is 0).
+  """
+  ds, stats, vocabularies = make_preference_dataset(
+      data_cfg, tokenizer, kind=kind, seq_len=seq_len, global_batch_size=global_batch_size,
+      seed=seed, process_index=process_index, process_count=process_count, split=split,
+      num_epochs=num_epochs)
+  iterator = iter(ds)
+  iterator.stats = stats
+  iterator.vocabularies = vocabularies
+  return iterator
