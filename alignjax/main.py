@@ -19,6 +19,7 @@ PREEMPTED_EXIT_CODE = 143
 # task name -> "module:function(config, workdir)"; a new task adds one line.
 TASKS = {
     "sft": "alignjax.trainers.sft:run",
+    "reward_model": "alignjax.trainers.reward_model:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -45,15 +45,16 @@ def model_config(config, vocab_size: int) -> ModelConfig:
   return get_preset(mc.preset, vocab_size=vocab, **_overrides(mc))
 
 
-def build_model(config, cfg: ModelConfig, mesh, rules):
+def build_model(config, cfg: ModelConfig, mesh, rules, lm_head: bool = True):
   """The model, created directly sharded: parameters from `model.checkpoint` (an alignjax
-  run), else `model.hf_path`, else a random initialisation."""
+  run), else `model.hf_path`, else a random initialisation. `lm_head=False`: a backbone for
+  reward and value models."""
   mc = config.model
   if mc.checkpoint:
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(cfg, 0)))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(cfg, 0, lm_head)))
     target = parallel.abstract_with_shardings(abstract, mesh, rules)
     step = mc.checkpoint_step if mc.checkpoint_step >= 0 else None
     return nnx.merge(graphdef, checkpoint.restore_params(mc.checkpoint, target, step))
   if mc.hf_path:
-    return hf.load_hf_model(mc.hf_path, mesh, rules, **_overrides(mc))
-  return parallel.create_sharded(lambda: init_model(cfg, mc.init_seed), mesh, rules)
+    return hf.load_hf_model(mc.hf_path, mesh, rules, lm_head=lm_head, **_overrides(mc))
+  return parallel.create_sharded(lambda: init_model(cfg, mc.init_seed, lm_head), mesh, rules)
