@@ -20,6 +20,7 @@ PREEMPTED_EXIT_CODE = 143
 TASKS = {
     "sft": "alignjax.trainers.sft:run",
     "reward_model": "alignjax.trainers.reward_model:run",
+    "eval_rm": "alignjax.evaluation.rm:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

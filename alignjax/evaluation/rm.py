@@ -1,0 +1,265 @@
+"""Reward-model evaluation (task `eval_rm`): score held-out preference pairs with one or more
+reward models and write a report (JSON + Markdown + PNG plots) per model, plus a comparison.
+
+Each entry of `eval_rm.checkpoints` is either an alignjax `reward_model` workdir (its
+config.json says how to build the model; parameters come from its latest checkpoint) or a
+Hugging Face `*ForSequenceClassification` directory. Metrics (alignjax.evaluation.metrics):
+pairwise accuracy overall and per subset (`eval.pairwise_acc`), calibration (`eval.ece`,
+`eval.reliability`, fitted temperature), reward histograms, and the length-bias probes
+(`eval.length_bias_probe`): (a) own answer vs. a >= 2x longer answer to another prompt,
+(b) per-prompt slope of reward on log length over K answers (listwise eval data), (c) the
+answer vs. the same answer with its last sentence repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from alignjax import parallel
+from alignjax.data import preference as pref_data
+from alignjax.evaluation import metrics, report
+from alignjax.models import reward
+from alignjax.trainers import common
+from alignjax.trainers import reward_model as rm_task
+
+
+def eval_rm_config() -> ml_collections.ConfigDict:
+  """`config.eval_rm`."""
+  return ml_collections.ConfigDict(dict(
+      checkpoints=(),       # alignjax reward_model workdirs and/or HF seq-cls directories
+      names=(),             # report names (default: the directory names)
+      max_examples=1024,    # eval pairs scored per model (a finite pass stops earlier)
+      ece_bins=10,
+      # Length-bias probes (METHODS 6.8): "offtopic" (a), "slope" (b; needs listwise eval
+      # data: data.max_responses >= 3 answers per prompt), "filler" (c).
+      probes=("offtopic", "slope", "filler"),
+      offtopic_min_ratio=2.0,  # (a): the other answer is at least this many times longer
+      max_lists=256,           # (b): prompts with K answers scored
+      seed=0,
+  ))
+
+
+def _is_hf_dir(path: str) -> bool:
+  cfg = os.path.join(path, "config.json")
+  if not os.path.exists(cfg) or os.path.isdir(os.path.join(path, "checkpoints")):
+    return False
+  with open(cfg) as f:
+    return any(a.endswith("ForSequenceClassification")
+               for a in json.load(f).get("architectures", []))
+
+
+def load_reward_model(path: str, tokenizer, mesh, rules):
+  """(model, aggregate config) for an alignjax reward_model workdir or a HF seq-cls dir."""
+  if _is_hf_dir(path):
+    return reward.load_hf_reward_model(path, mesh, rules), None
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_file):
+    raise FileNotFoundError(f"{path}: neither an alignjax reward_model workdir (config.json + "
+                            "checkpoints/) nor a Hugging Face *ForSequenceClassification dir.")
+  with open(cfg_file) as f:
+    run_cfg = ml_collections.ConfigDict(json.load(f))
+  if run_cfg.get("task") != "reward_model":
+    raise ValueError(f"{cfg_file}: task={run_cfg.get('task')!r}; eval_rm needs a reward_model "
+                     "run.")
+  cfg = common.model_config(run_cfg, tokenizer.vocab_size)
+  return rm_task.load_trained(run_cfg, path, cfg, mesh, rules), run_cfg
+
+
+def _scalar(out_NxExA: np.ndarray, run_cfg) -> np.ndarray:
+  """[N] rewards: ensemble members averaged, attributes combined by the run's weights."""
+  if out_NxExA.shape[-1] > 1:
+    weights = tuple(run_cfg.reward.attribute_weights) if run_cfg is not None else ()
+    if not weights:
+      raise ValueError("A multi-output reward model needs reward.attribute_weights for eval_rm.")
+    out_NxExA = out_NxExA @ np.asarray(weights)
+  else:
+    out_NxExA = out_NxExA[..., 0]
+  return out_NxExA.mean(axis=-1)
+
+
+class _Scorer:
+  """Scores [N, L] rows on the mesh, data-parallel, in chunks; returns numpy [N, E, A]."""
+
+  def __init__(self, model, mesh, rules, chunk: int):
+    self.model, self.mesh, self.rules = model, mesh, rules
+    shards = math.prod(mesh.shape[a] for a in (rules or parallel.DEFAULT_RULES)["batch"])
+    self.chunk = max(shards, chunk - chunk % shards)
+    self.fn = nnx.jit(lambda m, t, p, s: m(t, p, s))
+
+  def __call__(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+    n = len(rows["tokens"])
+    outs = []
+    for start in range(0, n, self.chunk):
+      part = {k: rows[k][start:start + self.chunk] for k in ("tokens", "positions", "segment_ids")}
+      pad = self.chunk - len(part["tokens"])
+      part = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in part.items()}
+      sharding = parallel.batch_sharding(self.mesh, self.rules, 2)
+      placed = [jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i])
+                for v in (part["tokens"], part["positions"], part["segment_ids"])]
+      out = self.fn(self.model, *placed)
+      outs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:self.chunk - pad])
+    return np.concatenate(outs)
+
+
+def collect_eval(config, tokenizer, max_examples: int, kind: str = "pairwise"
+                 ) -> dict[str, np.ndarray]:
+  """The eval split's examples as global numpy arrays (every process gets all of them)."""
+  dc = config.data
+  it = pref_data.make_preference_iterator(
+      dc, tokenizer, kind=kind, seq_len=dc.seq_len, global_batch_size=dc.batch_size,
+      seed=config.seed, split="eval", num_epochs=1)
+  vocab = dict(getattr(it, "vocabularies", {}))
+  batches = []
+  for _ in range(max(1, math.ceil(max_examples / dc.batch_size))):
+    b = next(it, None)
+    if b is None:  # this host ran out: filler rows keep hosts in step
+      b = {k: np.zeros_like(v) for k, v in batches[-1].items()}
+    batches.append(b)
+  cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  if jax.process_count() > 1:
+    cat = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in cat.items()}
+  keep = cat["example_mask"] > 0
+  out = {k: v[keep][:max_examples] for k, v in cat.items()}
+  out["vocabularies"] = vocab
+  return out
+
+
+def _split_row(tokens, response_mask, segment_ids):
+  real = segment_ids > 0
+  prompt = tokens[real & (response_mask == 0)].tolist()
+  response = tokens[response_mask > 0].tolist()
+  return prompt, response
+
+
+def _with_filler(response: list[int], tokenizer) -> list[int]:
+  """The response with its last sentence repeated (before a final eos)."""
+  end = [response[-1]] if response and response[-1] == tokenizer.eos_id else []
+  body = response[:len(response) - len(end)]
+  text = tokenizer.decode(body)
+  sentences = [s for s in re.split(r"(?<=[.!?\n])\s*", text) if s.strip()]
+  last = sentences[-1] if sentences else text
+  sep = "" if not text or text[-1].isspace() else " "
+  return tokenizer.encode(text + sep + last.strip()) + end
+
+
+def _rows(items, tokenizer, seq_len: int):
+  out = [pref_data.preference_rows(p, [r], seq_len=seq_len, pad_id=tokenizer.pad_id)[0]
+         for p, r in items]
+  return {k: np.concatenate([o[k] for o in out]) for k in out[0]} if out else None
+
+
+def _chosen_parts(pairs):
+  return [_split_row(pairs["tokens"][i, 0], pairs["response_mask"][i, 0],
+                     pairs["segment_ids"][i, 0]) for i in range(len(pairs["tokens"]))]
+
+
+def offtopic_rows(pairs, tokenizer, seq_len: int, rng, min_ratio: float):
+  """Probe (a): prompt_i + chosen_j, j a deranged answer >= `min_ratio` x longer.
+  Returns (rows or None, partner index [N], -1 where no partner)."""
+  split = _chosen_parts(pairs)
+  lengths = np.array([len(r) for _, r in split])
+  partner = metrics.derangement_pairs(lengths, rng, min_ratio=min_ratio)
+  items = [(split[i][0], split[j][1]) for i, j in enumerate(partner) if j >= 0]
+  return _rows(items, tokenizer, seq_len), partner
+
+
+def filler_rows(pairs, tokenizer, seq_len: int):
+  """Probe (c): prompt_i + chosen_i with its last sentence repeated."""
+  return _rows([(p, _with_filler(r, tokenizer)) for p, r in _chosen_parts(pairs)],
+               tokenizer, seq_len)
+
+
+def evaluate_model(model, run_cfg, config, tokenizer, pairs, lists, mesh, rules,
+                   name: str) -> tuple:
+  """(results, plots) of one reward model on `pairs` (and `lists`, K answers per prompt)."""
+  ec = config.eval_rm
+  scorer = _Scorer(model, mesh, rules, config.data.batch_size)
+  n = len(pairs["tokens"])
+  flat = {k: pairs[k].reshape(n * 2, -1) for k in ("tokens", "positions", "segment_ids")}
+  r = _scalar(scorer(flat), run_cfg).reshape(n, 2)
+  r_c, r_r = r[:, 0], r[:, 1]
+  subsets = pairs["vocabularies"].get("subset") or ()
+  groups = (np.array([subsets[i] if i < len(subsets) else str(i) for i in pairs["subset_id"]])
+            if len(set(pairs["subset_id"].tolist())) > 1 else None)
+  temp = metrics.fit_temperature(r_c, r_r)
+  results = {
+      "meta": {"model": name, "n_pairs": int(n), "data": config.data.eval_files or
+               config.data.synthetic},
+      "pairwise": metrics.pairwise_acc(r_c, r_r, groups=groups),
+      "ece": metrics.ece(r_c, r_r, bins=ec.ece_bins),
+      "temperature": temp,
+      "reward_chosen": metrics.reward_histogram(r_c),
+      "reward_rejected": metrics.reward_histogram(r_r),
+  }
+  plots = {"histogram": {"chosen": r_c, "rejected": r_r}}
+  probes = set(ec.probes)
+  unknown = probes - {"offtopic", "slope", "filler"}
+  if unknown:
+    raise ValueError(f"config.eval_rm.probes: unknown {sorted(unknown)}; use offtopic, slope, "
+                     "filler.")
+  seq_len = config.data.seq_len
+  kw = {}
+  if "offtopic" in probes:
+    rows, partner = offtopic_rows(pairs, tokenizer, seq_len, np.random.default_rng(ec.seed),
+                                  ec.offtopic_min_ratio)
+    kw.update(r_own=r_c[partner >= 0],
+              r_other=_scalar(scorer(rows), run_cfg) if rows is not None else np.zeros(0))
+  if "filler" in probes:
+    kw.update(r_orig=r_c, r_filler=_scalar(scorer(filler_rows(pairs, tokenizer, seq_len)),
+                                           run_cfg))
+  if "slope" in probes and lists is not None:
+    p, k = lists["tokens"].shape[:2]
+    flat_l = {key: lists[key].reshape(p * k, -1) for key in ("tokens", "positions", "segment_ids")}
+    rewards = _scalar(scorer(flat_l), run_cfg).reshape(p, k)
+    lengths = lists["length"].astype(np.float64)
+    kw.update(rewards=rewards, lengths=lengths, mask=lists["valid"] > 0)
+    plots["length"] = {"rewards": rewards, "lengths": lengths, "mask": lists["valid"] > 0}
+  if kw:
+    results["length_bias"] = metrics.length_bias_probe(**kw)
+  return results, plots
+
+
+def run(config, workdir: str) -> dict:
+  """Entry point for `config.task == "eval_rm"`: one report per model, and a comparison."""
+  ec = config.eval_rm
+  if not ec.checkpoints:
+    raise ValueError("config.eval_rm.checkpoints is empty: list reward_model workdirs or HF "
+                     "*ForSequenceClassification directories to evaluate.")
+  names = list(ec.names) or [os.path.basename(os.path.normpath(p)) for p in ec.checkpoints]
+  if len(names) != len(ec.checkpoints):
+    raise ValueError("config.eval_rm.names must be empty or name every checkpoint.")
+  tokenizer = common.build_tokenizer(config)
+  mesh = parallel.make_mesh(config.mesh.to_dict())
+  rules = parallel.rules_from_config(config.sharding_rules.to_dict())
+  pairs = collect_eval(config, tokenizer, ec.max_examples)
+  lists = (collect_eval(config, tokenizer, ec.max_lists, "listwise")
+           if "slope" in ec.probes else None)
+  write = jax.process_index() == 0
+  runs = []
+  with parallel.use_mesh(mesh, rules):
+    for name, path in zip(names, ec.checkpoints):
+      model, run_cfg = load_reward_model(path, tokenizer, mesh, rules)
+      results, plots = evaluate_model(model, run_cfg, config, tokenizer, pairs, lists, mesh,
+                                      rules, name)
+      report.write_report(results, os.path.join(workdir, name), name="rm_eval", plots=plots,
+                          write=write)
+      runs.append((name, results))
+      acc = results["pairwise"]["accuracy"]
+      flag = results.get("length_bias", {}).get("flag", {}).get("flag")
+      logging.info("%s: pairwise accuracy %.3f, length-bias flag %s", name, acc, flag)
+      if write:
+        print(f"{name}: held-out pairwise accuracy {acc:.1%}, ECE "
+              f"{results['ece']['ece']:.3f}, length-bias flag: {flag}", flush=True)
+  if len(runs) > 1:
+    report.compare_report(runs, workdir, write=write)
+  return {name: res for name, res in runs}
