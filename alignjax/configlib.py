@@ -8,6 +8,7 @@ tasks so that a key means the same thing everywhere.
 from __future__ import annotations
 
 import ast
+import os
 from typing import Any
 
 import ml_collections
@@ -33,6 +34,17 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       pass
     out[key] = value
   return ml_collections.ConfigDict(out)
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file given by path (relative paths: to the configs/ dir of
+  the caller's file are the caller's job); lets one config file compose others."""
+  import importlib.util  # noqa: PLC0415
+  spec = importlib.util.spec_from_file_location(
+      "alignjax_config_" + os.path.basename(path).removesuffix(".py"), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def model_config() -> ml_collections.ConfigDict:

@@ -1,39 +1,25 @@
 """The alignjax binary: `python -m alignjax.main --config=configs/X.py[:args] --workdir=DIR`.
 
 Overrides: `--config.optimizer.learning_rate=3e-4`. The config is locked, so a misspelt key is
-an error naming it. `config.task` picks the task module (see TASKS).
+an error naming it. `config.task` picks the task (alignjax.tasks.TASKS).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from alignjax.tasks import TASKS, run_task  # noqa: F401 (re-exported)
+
 # Exit status of a run stopped by SIGTERM after saving its checkpoint (128 + SIGTERM), so a
 # scheduler can tell "preempted, resume me" from "done".
 PREEMPTED_EXIT_CODE = 143
 
-# task name -> "module:function(config, workdir)"; a new task adds one line.
-TASKS = {
-    "sft": "alignjax.trainers.sft:run",
-    "reward_model": "alignjax.trainers.reward_model:run",
-    "eval_rm": "alignjax.evaluation.rm:run",
-}
-
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file (`path.py[:arg]`).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
-
-
-def run_task(config, workdir: str):
-  """Dispatches on `config.task`; returns the task's result (e.g. final metrics)."""
-  if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r} is unknown; choose one of {sorted(TASKS)}.")
-  module, fn = TASKS[config.task].split(":")
-  return getattr(importlib.import_module(module), fn)(config, workdir)
 
 
 def main(argv):

@@ -7,7 +7,7 @@ from alignjax.trainers import loop
 
 def config(num_steps: int):
   from configs import default
-  c = default.get_config(f"steps={num_steps},batch=16,digits=5")
+  c = default.get_config(f"only=sft,steps={num_steps},batch=16,digits=5")
   c.optimizer.schedule = "constant"  # the 6 + 2 resumed steps see the same schedule as 8
   c.optimizer.warmup_steps = 0
   c.train.log_every = 1

@@ -107,3 +107,302 @@ def test_trained_model_exports_and_reloads_identically(tmp_path):
   assert np.std(a) > 0
   cfg_json = json.load(open(os.path.join(out, "config.json")))
   assert cfg_json["pad_token_id"] == tok.pad_id and cfg_json["num_labels"] == 1
+
+
+# ------------------------------------------------------------------ helpers for file data
+
+
+def write_jsonl(path, rows):
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  return str(path)
+
+
+def file_config(path, arg="steps=3,batch=8", **train):
+  """A config that trains on `path` (no synthetic data, hence no eval split)."""
+  c = config(arg, **train)
+  c.data.synthetic = ""
+  c.data.train_files = path
+  c.data.seq_len = 24
+  return c
+
+
+def single_device_model(task):
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  with parallel.use_mesh(mesh):
+    return task.build_model(mesh, parallel.DEFAULT_RULES), mesh
+
+
+def _word(rng, n):
+  return "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), n, replace=False))
+
+
+HELPSTEER = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+
+
+def helpsteer_rows(n=24, seed=0):
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    scores = {a: int(rng.integers(0, 5)) for a in HELPSTEER}
+    if i % 4 == 0:
+      scores["verbosity"] = None  # a missing label: target_mask 0
+    if i % 2:
+      rows.append({"prompt": _word(rng, 5) + "=", "response": _word(rng, 6), "scores": scores})
+    else:  # HelpSteer2's flat layout: the attributes as top-level fields
+      rows.append({"prompt": _word(rng, 5) + "=", "response": _word(rng, 6), **scores})
+  return rows
+
+
+# ------------------------------------------------------------------ rated data
+
+
+def test_rated_jsonl_trains(tmp_path):
+  path = write_jsonl(tmp_path / "rated.jsonl", helpsteer_rows())
+  c = file_config(path, "steps=3,batch=8,loss=rm_regression")
+  c.data.attributes = HELPSTEER
+  c.reward.num_outputs = len(HELPSTEER)
+  c.data.shuffle = False
+  task = reward_model.build_task(c)
+  batch = next(task.train_iter())
+  assert batch["tokens"].shape == (8, 1, 24)
+  assert batch["targets"].shape == batch["target_mask"].shape == (8, 5)
+  assert batch["target_mask"][:, -1].min() == 0  # the missing verbosity labels
+  summary = reward_model.run(c, str(tmp_path / "run"))
+  ls = losses(tmp_path / "run")
+  assert len(ls) == 3 and all(np.isfinite(ls)) and summary["num_labels"] > 0
+  # No reward.attribute_weights: the scalar reward is helpfulness only (METHODS rm_regression).
+  assert reward_model.attribute_weights(c) == (1.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_rated_synthetic_trains(tmp_path):
+  c = config("steps=3,batch=8,loss=rm_regression", eval_steps=0)
+  assert tuple(c.data.attributes) == ("score", "length") and c.reward.num_outputs == 2
+  reward_model.run(c, str(tmp_path))
+  ls = losses(tmp_path)
+  assert len(ls) == 3 and all(np.isfinite(ls))
+
+
+def test_rated_needs_one_output_per_attribute():
+  c = config("steps=3,batch=8,loss=rm_regression")
+  c.reward.num_outputs = 1
+  with pytest.raises(ValueError, match=r"reward.num_outputs=1 but data.attributes has 2"):
+    reward_model.make_loss_fn(c)
+
+
+# ------------------------------------------------------------------ bt_plus_regression
+
+
+def test_bt_plus_regression_trains_on_rated_pairs(tmp_path):
+  c = config("steps=3,batch=8,loss=bt_plus_regression", eval_steps=0)
+  task = reward_model.build_task(c)
+  batch = next(task.train_iter())
+  assert batch["tokens"].shape[1] == 2 and batch["scores"].shape == (8, 2)
+  model, _ = single_device_model(task)
+  loss_sum, denom, metrics = task.loss_fn(model, batch)
+  assert np.isfinite(loss_sum) and denom == 8 and metrics["regression"] > 0
+  reward_model.run(c, str(tmp_path))
+  assert all(np.isfinite(losses(tmp_path)))
+  c.data.max_responses = 4
+  with pytest.raises(ValueError, match="data.max_responses=2"):
+    reward_model.make_loss_fn(c)
+
+
+# ------------------------------------------------------------------ bt_ties, learned
+
+
+def tie_rows(n=32, seed=0):
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    row = {"prompt": _word(rng, 4) + "=", "chosen": _word(rng, 5), "rejected": _word(rng, 5)}
+    if i % 3 == 0:
+      row["label"] = 0
+    elif i % 7 == 0:
+      row["label"] = -1
+    rows.append(row)
+  return rows
+
+
+@pytest.mark.parametrize("mode,name", [("rao_kupper", "theta_raw"), ("davidson", "kappa")])
+def test_bt_ties_learns_its_tie_parameter(tmp_path, mode, name):
+  path = write_jsonl(tmp_path / "ties.jsonl", tie_rows())
+  c = file_config(path, "steps=3,batch=16,loss=bt_ties")
+  c.loss.params.mode = mode
+  c.loss.params[name] = 0.25
+  task = reward_model.build_task(c)
+  model, mesh = single_device_model(task)
+  assert float(model.head.tie_param[...]) == 0.25
+  batch = next(task.train_iter())
+  assert (batch["label"] == 0).any()
+  graphdef, params = nnx.split(model)
+
+  def loss(p, b):
+    loss_sum, denom, _ = task.loss_fn(nnx.merge(graphdef, p), b)
+    return loss_sum / denom
+
+  grads = jax.jit(jax.grad(loss))(params, batch)
+  assert abs(float(grads["head"]["tie_param"][...])) > 1e-6
+  tx = optax.adam(0.05)
+  with parallel.use_mesh(mesh):
+    state = loop.init_state(params, tx, mesh, parallel.DEFAULT_RULES, 0)
+    step = jax.jit(loop.make_train_step(graphdef, task.loss_fn, tx, lambda s: 0.05))
+    it = task.train_iter()
+    for _ in range(3):
+      state, metrics = step(state, next(it))
+  assert np.isfinite(metrics["loss"]) and metrics["num_ties"] > 0
+  assert abs(float(state.params["head"]["tie_param"][...]) - 0.25) > 1e-3
+  # "half" has no parameter; other losses neither.
+  c.loss.params.mode = "half"
+  assert reward_model.head_config(c).tie_init is None
+
+
+# ------------------------------------------------------------------ MORE
+
+
+def more_rows(n=48, seed=0):
+  """Two sources: `clean` pairs follow the synthetic rule, `noisy` ones are half flipped."""
+  from alignjax.data.synthetic import PreferenceSource
+  src = PreferenceSource(seed, "train", kind="pairwise")
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    rec = src[i]
+    rec = {k: rec[k] for k in ("prompt", "chosen", "rejected")}
+    if i % 2:
+      rec["source"] = "noisy"
+      if rng.random() < 0.5:
+        rec["chosen"], rec["rejected"] = rec["rejected"], rec["chosen"]
+    else:
+      rec["source"] = "clean"
+    rows.append(rec)
+  return rows
+
+
+def test_more_weights_sources_on_the_simplex(tmp_path):
+  path = write_jsonl(tmp_path / "two_sources.jsonl", more_rows())
+  c = file_config(path, "steps=3,batch=16,loss=bt_weighted")
+  c.data.seq_len = 16
+  c.data.sources = ("clean", "noisy")
+  c.loss.more = True
+  task = reward_model.build_task(c)
+  model, _ = single_device_model(task)
+  batch = next(task.train_iter())
+  loss_sum, denom, metrics = jax.jit(task.loss_fn)(model, batch)
+  lam = np.array([metrics["more_lam_0"], metrics["more_lam_1"]]) / float(denom)
+  # The analytic MORE weights of a linear head: g_s = mean_{i in s} -sig(-d_i) (h_c,i - h_r,i).
+  tokens = batch["tokens"].reshape(-1, batch["tokens"].shape[-1])
+  h = np.asarray(model.features(tokens, batch["positions"].reshape(tokens.shape),
+                                batch["segment_ids"].reshape(tokens.shape))).reshape(16, 2, -1)
+  w = np.asarray(model.head.kernel[...])[0, :, 0]
+  d = (h[:, 0] - h[:, 1]) @ w
+  coef = -1.0 / (1.0 + np.exp(d))
+  g = np.stack([np.mean((coef[:, None] * (h[:, 0] - h[:, 1]))[batch["source_id"] == s], 0)
+                for s in (0, 1)])
+  lam_1 = np.clip((g[1] - g[0]) @ g[1] / np.sum((g[0] - g[1]) ** 2), 0, 1)
+  np.testing.assert_allclose(lam, [lam_1, 1 - lam_1], rtol=1e-4, atol=1e-5)
+  assert np.isfinite(loss_sum)
+  reward_model.run(c, str(tmp_path / "run"))
+  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  rows = [r for r in rows if "loss" in r]
+  assert len(rows) == 3
+  for r in rows:
+    assert 0 <= r["more_lam_0"] <= 1 and 0 <= r["more_lam_1"] <= 1
+    assert abs(r["more_lam_0"] + r["more_lam_1"] - 1) < 1e-5 and np.isfinite(r["loss"])
+  c.data.sources = ("clean",)
+  with pytest.raises(ValueError, match="at least 2 sources"):
+    reward_model.make_loss_fn(c)
+
+
+# ------------------------------------------------------------------ parameter-set ensembles
+
+
+def test_ensemble_backbones_train_and_differ(tmp_path):
+  c = config("steps=3,batch=8,ensemble_backbones=2", eval_steps=0)
+  summary = reward_model.run(c, str(tmp_path))
+  assert len(losses(tmp_path)) == 3 and np.isfinite(summary["loss"])
+  tok = CharTokenizer()
+  cfg = reward_model.common.model_config(c, tok.vocab_size)
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  trained = reward_model.load_trained(c, str(tmp_path), cfg, mesh)
+  assert isinstance(trained, reward.RewardEnsemble)
+  embed = np.asarray(trained.members.backbone.embed[...])
+  assert embed.shape[0] == 2 and not np.allclose(embed[0], embed[1])
+  batch = next(reward_model.build_task(c).train_iter())
+  tokens = batch["tokens"].reshape(-1, batch["tokens"].shape[-1])
+  seg = batch["segment_ids"].reshape(tokens.shape)
+  out = np.asarray(trained(tokens, None, seg))
+  assert out.shape == (16, 2, 1) and not np.allclose(out[:, 0], out[:, 1])
+  # Member 1 alone gives the ensemble's second column.
+  np.testing.assert_allclose(np.asarray(trained.member(1)(tokens, None, seg))[:, 0],
+                             out[:, 1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(reward_model.ensemble_rewards(out, c)),
+                             out[:, :, 0].mean(1), rtol=1e-6)
+
+
+def test_ensemble_backbones_shard_like_one_model():
+  c = config("steps=2,batch=16,ensemble_backbones=2")
+  task = reward_model.build_task(c)
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  with parallel.use_mesh(mesh):
+    model = task.build_model(mesh, parallel.DEFAULT_RULES)
+  embed = model.members.backbone.embed[...]
+  assert embed.shape[0] == 2
+  assert embed.addressable_shards[0].data.size * 8 == embed.size
+  assert model.members.backbone.embed.get_metadata()["logical_axes"] == (None, "vocab", "embed")
+  batch = next(task.train_iter())
+  tx = optax.sgd(1.0)
+  results = []
+  for sizes in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
+    devices = jax.devices()[:1] if sizes["data"] == 1 else None
+    mesh = parallel.make_mesh(sizes, devices)
+    with parallel.use_mesh(mesh):
+      model = task.build_model(mesh, parallel.DEFAULT_RULES)
+      graphdef, params = nnx.split(model)
+      state = loop.init_state(params, tx, mesh, parallel.DEFAULT_RULES, 0)
+      step = jax.jit(loop.make_train_step(graphdef, task.loss_fn, tx, lambda s: 1e-3))
+      state, metrics = step(state, parallel.shard_batch(batch, mesh))
+      results.append((jax.device_get(metrics), jax.device_get(state.params)))
+  (m0, p0), (m1, p1) = results
+  np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["grad_norm"], m0["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_backbones_from_a_hf_causal_lm(fixtures_dir):
+  from alignjax.data.tokenizer import Tokenizer
+  path = os.path.join(fixtures_dir, "llama")
+  c = config("steps=2,batch=8,ensemble_backbones=2")
+  c.model.hf_path = path
+  cfg = reward_model.common.model_config(c, Tokenizer.from_dir(path).vocab_size)
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  model = reward_model.build_reward_model(c, cfg, mesh, parallel.DEFAULT_RULES)
+  single = reward.load_hf_reward_model if False else None  # noqa: F841
+  from alignjax.models import hf
+  lm = hf.load_hf_model(path, lm_head=False)
+  embed = np.asarray(model.members.backbone.embed[...])
+  np.testing.assert_array_equal(embed[0], np.asarray(lm.embed[...]))
+  np.testing.assert_array_equal(embed[1], np.asarray(lm.embed[...]))
+  kernel = np.asarray(model.members.head.kernel[...])
+  assert not np.allclose(kernel[0], kernel[1])  # the heads have different seeds
+
+
+# ------------------------------------------------------------------ aggregation for scoring
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("mean", [1.1, .05]), ("median", [1.2, .15]), ("min", [0, -.4]),
+    ("mean_minus_std", [.37198901, -.21925824])])
+def test_ensemble_rewards_aggregate(method, expected):
+  c = config()
+  c.reward.aggregate = method
+  R = np.array([[1, .2], [2, -.4], [0, .1], [1.4, .3]])  # METHODS rm_ensemble golden [E, N]
+  out = R.T[:, :, None]                                    # [N, E, A=1]
+  np.testing.assert_allclose(reward_model.ensemble_rewards(out, c), expected, rtol=1e-6,
+                             atol=1e-7)
+  c.reward.num_outputs, c.reward.attribute_weights = 2, (0.5, 0.5)
+  two = np.concatenate([out, 3 * out], axis=-1)            # outputs . w = 2 R
+  np.testing.assert_allclose(reward_model.ensemble_rewards(two, c), 2 * np.array(expected),
+                             rtol=1e-6, atol=1e-6)

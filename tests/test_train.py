@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**train):
   from configs import default  # noqa: PLC0415 (configs/ is a plain directory on sys.path)
-  c = default.get_config("steps=12,batch=16")
+  c = default.get_config("only=sft,steps=12,batch=16")
   c.train.log_every = 1
   c.train.eval_every = 0
   c.train.eval_steps = 1
@@ -137,12 +137,12 @@ def _main(*args, timeout=300):
 
 
 def test_main_binary_runs_and_rejects_misspelt_override(tmp_path):
-  ok = _main("--config=configs/default.py:steps=3,batch=8", f"--workdir={tmp_path}",
+  ok = _main("--config=configs/default.py:only=sft,steps=3,batch=8", f"--workdir={tmp_path}",
              "--config.train.log_every=1", "--config.sft.eval_examples=2",
              "--config.train.peak_flops_per_device=1e9")
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert "held-out accuracy: before" in ok.stdout
-  bad = _main("--config=configs/default.py", f"--workdir={tmp_path}/b",
+  bad = _main("--config=configs/default.py:only=sft", f"--workdir={tmp_path}/b",
               "--config.optimizer.learnig_rate=1")
   assert bad.returncode != 0
   assert "learnig_rate" in bad.stderr
@@ -184,7 +184,7 @@ def test_sigterm_to_main_saves_and_exits_143(tmp_path):
   """A real SIGTERM to the binary: checkpoint written, exit status 143, then resume."""
   import time
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  args = [sys.executable, "-m", "alignjax.main", "--config=configs/default.py:steps=100000",
+  args = [sys.executable, "-m", "alignjax.main", "--config=configs/default.py:only=sft,steps=100000",
           f"--workdir={tmp_path}", "--config.train.log_every=1",
           "--config.train.progress_bar=False", "--config.sft.eval_examples=0",
           "--config.train.peak_flops_per_device=1e9", "--config.checkpoint.every=100000"]

@@ -8,8 +8,14 @@ Heads (`RewardHeadConfig.kind`):
   gpm     v = h W [2k] preference embedding (+ optional prompt scales lam = k softmax(h W_p /
           sqrt(D)) [k]) for intransitive preferences (General Preference Modeling with
           Preference Representations for Aligning Language Models; METHODS `gpm`).
-`ensemble = E` gives E independent heads on the shared backbone (outputs [B, E, A]); K
-separate parameter sets are `ensemble_backbones` in the reward-model task.
+Ensembles (METHODS `rm_ensemble`), both with outputs [B, E, A]:
+  heads          `RewardHeadConfig.ensemble = E`: E independent heads on one shared backbone.
+  parameter sets `RewardEnsemble(cfg, head, members=E)`: E full reward models (backbone +
+                 head) with stacked parameters (leading member axis), created with
+                 `nnx.split_rngs` + `nnx.vmap` (a different seed per member) and run with
+                 `nnx.vmap` over members. Both kinds combine: outputs [B, E * ensemble, A].
+An optional scalar `tie_param` (`RewardHeadConfig.tie_init`) on the head is the learned
+`theta_raw` / `kappa` of the `bt_ties` modes rao_kupper / davidson.
 Shapes: tokens/positions/segment_ids [B, L] (right padded; segment_ids 0 on padding).
 """
 
@@ -24,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from alignjax.models import hf
+from alignjax.parallel import LOGICAL_AXES_KEY
 from alignjax.models.config import ModelConfig, to_dtype
 from alignjax.models.transformer import Transformer
 
@@ -39,6 +46,7 @@ class RewardHeadConfig:
   ensemble: int = 1         # E heads on one backbone
   mlp_hidden: int = 0       # mlp head width; 0: the backbone's hidden size
   prompt_scales: bool = False  # gpm: learn per-prompt eigenvalue scales lam [k]
+  tie_init: float | None = None  # bt_ties rao_kupper/davidson: a learned scalar `tie_param`
 
   def __post_init__(self):
     if self.kind not in HEAD_KINDS:
@@ -72,6 +80,8 @@ class RewardHead(nnx.Module):
       self.b1 = _p(rngs, nnx.initializers.zeros, (e, hdim), (None, "mlp"))
       self.w2 = _p(rngs, nnx.initializers.normal(1e-3), (e, hdim, a), (None, "mlp", None))
       self.b2 = _p(rngs, nnx.initializers.zeros, (e, a), (None, None))
+    if cfg.tie_init is not None:  # theta_raw (rao_kupper) or kappa (davidson), shared by heads
+      self.tie_param = nnx.Param(jnp.asarray(cfg.tie_init, jnp.float32), logical_axes=())
 
   def __call__(self, h_BxD: jax.Array) -> jax.Array:
     h = h_BxD.astype(jnp.float32)
@@ -103,6 +113,11 @@ class RewardModel(nnx.Module):
   def cfg(self) -> ModelConfig:
     return self.backbone.cfg
 
+  @property
+  def num_members(self) -> int:
+    """Ensemble members E of the output [B, E, A] (the head ensemble)."""
+    return self.head.cfg.ensemble
+
   def features(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
     """Final hidden state at the last non-padding token [B, D] (float32)."""
     h = self.backbone.hidden(tokens_BxL, positions_BxL, segment_ids_BxL)
@@ -110,14 +125,112 @@ class RewardModel(nnx.Module):
     idx = last_token_index(seg)
     return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
+  def head_outputs(self, features) -> jax.Array:
+    """Head outputs [B, E, A] from `features(...)` [B, D]."""
+    return self.head(features)
+
+  def tie_parameter(self) -> jax.Array | None:
+    """The learned bt_ties scalar per member [E] (None without one)."""
+    if not hasattr(self.head, "tie_param"):
+      return None
+    return jnp.broadcast_to(self.head.tie_param[...], (self.num_members,))
+
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
     """Head outputs [B, E, A] in float32."""
-    return self.head(self.features(tokens_BxL, positions_BxL, segment_ids_BxL))
+    return self.head_outputs(self.features(tokens_BxL, positions_BxL, segment_ids_BxL))
 
 
-def init_reward_model(cfg: ModelConfig, head: RewardHeadConfig, seed: int = 0) -> RewardModel:
-  """A randomly initialised reward model (wrap in `parallel.create_sharded` for a mesh)."""
+def stack_logical_axes(module: nnx.Module, lead=(None,)) -> None:
+  """Prepends `lead` to the `logical_axes` of every Variable whose names are one short of its
+  rank (parameters stacked by `nnx.vmap`), so they shard like the unstacked ones on the other
+  dimensions and are replicated along the member axis."""
+  for _, var in nnx.iter_graph(module):
+    if isinstance(var, nnx.Variable):
+      names = var.get_metadata().get(LOGICAL_AXES_KEY)
+      if names is not None and len(names) + len(lead) == var.get_value().ndim:
+        var.set_metadata(**{LOGICAL_AXES_KEY: (*lead, *names)})
+
+
+class RewardEnsemble(nnx.Module):
+  """E full reward models (backbone + head) with stacked parameters (leading member axis).
+
+  Members are initialised from `rngs` split E ways (different seeds) and run with
+  `nnx.vmap`; outputs [B, E * head.ensemble, A] (member-major), like a head ensemble, so a
+  loss sees the same layout. METHODS `rm_ensemble` ("K parameter sets trained together with
+  vmap"; *Helping or Herding? Reward Model Ensembles Mitigate but do not Eliminate Reward
+  Hacking*). Parameters carry `logical_axes` with a leading None: the member axis is
+  replicated and the other dimensions shard as in a single model.
+  """
+
+  def __init__(self, cfg: ModelConfig, head: RewardHeadConfig, members: int, *,
+               rngs: nnx.Rngs):
+    if members < 2:
+      raise ValueError(f"reward.ensemble_backbones={members}: a parameter-set ensemble needs "
+                       ">= 2 members (use a RewardModel for one).")
+    self.size = members
+
+    @nnx.split_rngs(splits=members)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return RewardModel(Transformer(cfg, rngs=rngs, lm_head=False),
+                         RewardHead(cfg.hidden_size, head, init_std=cfg.init_std, rngs=rngs))
+
+    self.members = create(rngs)
+    stack_logical_axes(self.members)
+
+  @property
+  def cfg(self) -> ModelConfig:
+    return self.members.backbone.cfg
+
+  @property
+  def num_members(self) -> int:
+    return self.size * self.members.head.cfg.ensemble
+
+  def features(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
+    """Each member's final hidden state at the last non-padding token [E, B, D] (float32)."""
+    @nnx.vmap(in_axes=(0, None, None, None), out_axes=0)
+    def run(member, t, p, s):
+      return member.features(t, p, s)
+    return run(self.members, tokens_BxL, positions_BxL, segment_ids_BxL)
+
+  def head_outputs(self, features) -> jax.Array:
+    """Outputs [B, E * head.ensemble, A] from `features(...)` [E, B, D]."""
+    @nnx.vmap(in_axes=(0, 0), out_axes=1)
+    def run(member, h):
+      return member.head_outputs(h)
+    out = run(self.members, features)                      # [B, E, head.ensemble, A]
+    return out.reshape(out.shape[0], -1, out.shape[-1])
+
+  def tie_parameter(self) -> jax.Array | None:
+    """The learned bt_ties scalar per output member [E * head.ensemble] (None without one)."""
+    head = self.members.head
+    if not hasattr(head, "tie_param"):
+      return None
+    return jnp.repeat(head.tie_param[...], head.cfg.ensemble)
+
+  def member(self, e: int) -> RewardModel:
+    """Member `e` as a plain RewardModel (sliced parameters, e.g. to export it to HF)."""
+    graphdef, state = nnx.split(self.members)
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: x[e], state))
+    for _, var in nnx.iter_graph(model):
+      if isinstance(var, nnx.Variable):
+        names = var.get_metadata().get(LOGICAL_AXES_KEY)
+        if names is not None and len(names) == var.get_value().ndim + 1:
+          var.set_metadata(**{LOGICAL_AXES_KEY: tuple(names[1:])})
+    return model
+
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
+    """Outputs [B, E * head.ensemble, A] in float32."""
+    return self.head_outputs(self.features(tokens_BxL, positions_BxL, segment_ids_BxL))
+
+
+def init_reward_model(cfg: ModelConfig, head: RewardHeadConfig, seed: int = 0,
+                      members: int = 1) -> RewardModel | RewardEnsemble:
+  """A randomly initialised reward model (wrap in `parallel.create_sharded` for a mesh);
+  `members > 1`: a `RewardEnsemble` of that many parameter sets."""
   rngs = nnx.Rngs(params=seed)
+  if members > 1:
+    return RewardEnsemble(cfg, head, members, rngs=rngs)
   return RewardModel(Transformer(cfg, rngs=rngs, lm_head=False),
                      RewardHead(cfg.hidden_size, head, init_std=cfg.init_std, rngs=rngs))
 
@@ -145,8 +258,12 @@ def save_hf_reward_model(model: RewardModel, path: str, *, like: str | None = No
   """Writes a linear-head reward model as a HF `*ForSequenceClassification` checkpoint.
 
   HF reads the score at the last token that is not `pad_token_id`, as alignjax does with
-  right padding, so `pad_token_id` must be set (from the tokenizer).
+  right padding, so `pad_token_id` must be set (from the tokenizer). A learned bt_ties
+  `tie_param` is not exported (HF has no place for it).
   """
+  if isinstance(model, RewardEnsemble):
+    raise ValueError("A parameter-set ensemble (reward.ensemble_backbones > 1) has no Hugging "
+                     "Face layout; export one member: save_hf_reward_model(model.member(e), ...).")
   cfg, head = model.cfg, model.head.cfg
   mapping = [*hf.prefixed(hf._param_map(cfg, lm_head=False), ("backbone",)), *_score_map(head)]
   tensors = hf.gather_tensors(model, mapping, dtype)
