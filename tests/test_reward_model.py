@@ -13,6 +13,7 @@ from flax import nnx
 from alignjax import parallel
 from alignjax.data.tokenizer import CharTokenizer
 from alignjax.models import reward
+from alignjax.models.transformer import init_model
 from alignjax.trainers import loop, reward_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,7 @@ def losses(workdir):
 
 
 @pytest.mark.parametrize("arg", [
-    "loss=bt", "loss=bt_center", "loss=bt_margin", "loss=bt_smooth", "loss=bt_ties",
+    "loss=bt_center", "loss=bt_margin", "loss=bt_smooth", "loss=bt_ties",
     "head=mlp", "ensemble=3", "loss=gpm,head=gpm"])
 def test_pairwise_variants_train(tmp_path, arg):
   c = config(f"steps=3,batch=16,{arg}")
@@ -56,7 +57,7 @@ def test_pairwise_variants_train(tmp_path, arg):
 
 @pytest.mark.parametrize("name", ["plackett_luce", "ranknet", "ranklist"])
 def test_listwise_losses_train(tmp_path, name):
-  c = config(f"steps=3,batch=8,loss={name}")
+  c = config(f"steps=3,batch=8,loss={name}", eval_steps=0)
   c.data.seq_len = 16
   summary = reward_model.run(c, str(tmp_path))
   assert len(losses(tmp_path)) == 3 and np.isfinite(summary["loss"])
@@ -90,8 +91,9 @@ def test_sharded_step_equals_single_device():
 
 
 def test_trained_model_exports_and_reloads_identically(tmp_path):
-  c = config("steps=20,batch=16")
-  reward_model.run(c, str(tmp_path / "run"))
+  c = config("steps=20,batch=16")  # also the plain `bt` run of the pairwise variants above
+  summary = reward_model.run(c, str(tmp_path / "run"))
+  assert np.isfinite(summary["loss"]) and 0.0 <= summary["eval_accuracy"] <= 1.0
   tok = CharTokenizer()
   cfg = reward_model.common.model_config(c, tok.vocab_size)
   mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
@@ -107,6 +109,11 @@ def test_trained_model_exports_and_reloads_identically(tmp_path):
   assert np.std(a) > 0
   cfg_json = json.load(open(os.path.join(out, "config.json")))
   assert cfg_json["pad_token_id"] == tok.pad_id and cfg_json["num_labels"] == 1
+  # A new run can start from the trained reward model (backbone and head).
+  c.reward.checkpoint = str(tmp_path / "run")
+  again = reward_model.build_reward_model(c, cfg, mesh, parallel.DEFAULT_RULES)
+  for x, y in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(trained))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 # ------------------------------------------------------------------ helpers for file data
@@ -128,10 +135,13 @@ def file_config(path, arg="steps=3,batch=8", **train):
   return c
 
 
-def single_device_model(task):
-  mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  with parallel.use_mesh(mesh):
-    return task.build_model(mesh, parallel.DEFAULT_RULES), mesh
+def metric_rows(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [r for r in rows if "loss" in r]
+
+
+def single_device_mesh():
+  return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
 def _word(rng, n):
@@ -162,13 +172,13 @@ def test_rated_jsonl_trains(tmp_path):
   path = write_jsonl(tmp_path / "rated.jsonl", helpsteer_rows())
   c = file_config(path, "steps=3,batch=8,loss=rm_regression")
   c.data.attributes = HELPSTEER
-  c.reward.num_outputs = len(HELPSTEER)
   c.data.shuffle = False
-  task = reward_model.build_task(c)
-  batch = next(task.train_iter())
+  c.reward.num_outputs = len(HELPSTEER)
+  c.reward.attribute_weights = ()
+  batch = next(reward_model.build_task(c).train_iter())
   assert batch["tokens"].shape == (8, 1, 24)
   assert batch["targets"].shape == batch["target_mask"].shape == (8, 5)
-  assert batch["target_mask"][:, -1].min() == 0  # the missing verbosity labels
+  assert batch["target_mask"][0, -1] == 0 and batch["target_mask"][1, -1] == 1
   summary = reward_model.run(c, str(tmp_path / "run"))
   ls = losses(tmp_path / "run")
   assert len(ls) == 3 and all(np.isfinite(ls)) and summary["num_labels"] > 0
@@ -196,14 +206,11 @@ def test_rated_needs_one_output_per_attribute():
 
 def test_bt_plus_regression_trains_on_rated_pairs(tmp_path):
   c = config("steps=3,batch=8,loss=bt_plus_regression", eval_steps=0)
-  task = reward_model.build_task(c)
-  batch = next(task.train_iter())
+  batch = next(reward_model.build_task(c).train_iter())
   assert batch["tokens"].shape[1] == 2 and batch["scores"].shape == (8, 2)
-  model, _ = single_device_model(task)
-  loss_sum, denom, metrics = task.loss_fn(model, batch)
-  assert np.isfinite(loss_sum) and denom == 8 and metrics["regression"] > 0
   reward_model.run(c, str(tmp_path))
-  assert all(np.isfinite(losses(tmp_path)))
+  rows = metric_rows(tmp_path)
+  assert len(rows) == 3 and all(np.isfinite(r["loss"]) and r["regression"] > 0 for r in rows)
   c.data.max_responses = 4
   with pytest.raises(ValueError, match="data.max_responses=2"):
     reward_model.make_loss_fn(c)
@@ -232,28 +239,26 @@ def test_bt_ties_learns_its_tie_parameter(tmp_path, mode, name):
   c.loss.params.mode = mode
   c.loss.params[name] = 0.25
   task = reward_model.build_task(c)
-  model, mesh = single_device_model(task)
-  assert float(model.head.tie_param[...]) == 0.25
-  batch = next(task.train_iter())
-  assert (batch["label"] == 0).any()
-  graphdef, params = nnx.split(model)
-
-  def loss(p, b):
-    loss_sum, denom, _ = task.loss_fn(nnx.merge(graphdef, p), b)
-    return loss_sum / denom
-
-  grads = jax.jit(jax.grad(loss))(params, batch)
-  assert abs(float(grads["head"]["tie_param"][...])) > 1e-6
-  tx = optax.adam(0.05)
+  mesh = single_device_mesh()
   with parallel.use_mesh(mesh):
+    model = task.build_model(mesh, parallel.DEFAULT_RULES)
+    assert float(model.head.tie_param[...]) == 0.25
+    graphdef, params = nnx.split(model)
+    lr = 0.05
+    tx = optax.sgd(lr)  # the first update is -lr * gradient
     state = loop.init_state(params, tx, mesh, parallel.DEFAULT_RULES, 0)
-    step = jax.jit(loop.make_train_step(graphdef, task.loss_fn, tx, lambda s: 0.05))
+    step = jax.jit(loop.make_train_step(graphdef, task.loss_fn, tx, lambda s: lr))
     it = task.train_iter()
+    values = [0.25]
     for _ in range(3):
-      state, metrics = step(state, next(it))
-  assert np.isfinite(metrics["loss"]) and metrics["num_ties"] > 0
-  assert abs(float(state.params["head"]["tie_param"][...]) - 0.25) > 1e-3
-  # "half" has no parameter; other losses neither.
+      batch = next(it)
+      state, metrics = step(state, batch)
+      values.append(float(state.params["head"]["tie_param"][...]))
+      assert np.isfinite(metrics["loss"]) and metrics["num_ties"] > 0
+  gradient = (values[0] - values[1]) / lr
+  assert abs(gradient) > 1e-4
+  assert abs(values[-1] - 0.25) > 1e-3
+  # "half" has no parameter.
   c.loss.params.mode = "half"
   assert reward_model.head_config(c).tie_init is None
 
@@ -286,30 +291,30 @@ def test_more_weights_sources_on_the_simplex(tmp_path):
   c.data.seq_len = 16
   c.data.sources = ("clean", "noisy")
   c.loss.more = True
-  task = reward_model.build_task(c)
-  model, _ = single_device_model(task)
-  batch = next(task.train_iter())
-  loss_sum, denom, metrics = jax.jit(task.loss_fn)(model, batch)
-  lam = np.array([metrics["more_lam_0"], metrics["more_lam_1"]]) / float(denom)
-  # The analytic MORE weights of a linear head: g_s = mean_{i in s} -sig(-d_i) (h_c,i - h_r,i).
-  tokens = batch["tokens"].reshape(-1, batch["tokens"].shape[-1])
-  h = np.asarray(model.features(tokens, batch["positions"].reshape(tokens.shape),
-                                batch["segment_ids"].reshape(tokens.shape))).reshape(16, 2, -1)
-  w = np.asarray(model.head.kernel[...])[0, :, 0]
-  d = (h[:, 0] - h[:, 1]) @ w
-  coef = -1.0 / (1.0 + np.exp(d))
-  g = np.stack([np.mean((coef[:, None] * (h[:, 0] - h[:, 1]))[batch["source_id"] == s], 0)
-                for s in (0, 1)])
-  lam_1 = np.clip((g[1] - g[0]) @ g[1] / np.sum((g[0] - g[1]) ** 2), 0, 1)
-  np.testing.assert_allclose(lam, [lam_1, 1 - lam_1], rtol=1e-4, atol=1e-5)
-  assert np.isfinite(loss_sum)
   reward_model.run(c, str(tmp_path / "run"))
-  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-  rows = [r for r in rows if "loss" in r]
+  rows = metric_rows(tmp_path / "run")
   assert len(rows) == 3
   for r in rows:
     assert 0 <= r["more_lam_0"] <= 1 and 0 <= r["more_lam_1"] <= 1
     assert abs(r["more_lam_0"] + r["more_lam_1"] - 1) < 1e-5 and np.isfinite(r["loss"])
+  # Step 1's weights are those of the initial model on the first batch. For a linear head they
+  # are analytic: g_s = mean_{i in s} -sig(-d_i) (h_c,i - h_r,i); lam_1 = the S = 2 closed form.
+  batch = next(reward_model.build_task(c).train_iter())
+  cfg = reward_model.common.model_config(c, CharTokenizer().vocab_size)
+  model = reward.RewardModel(  # as build_reward_model makes it, unsharded
+      init_model(cfg, c.model.init_seed, lm_head=False),
+      reward.RewardHead(cfg.hidden_size, reward_model.head_config(c), init_std=cfg.init_std,
+                        rngs=nnx.Rngs(params=c.model.init_seed + 1)))
+  tokens = batch["tokens"].reshape(-1, batch["tokens"].shape[-1])
+  h = np.asarray(model.features(tokens, batch["positions"].reshape(tokens.shape),
+                                batch["segment_ids"].reshape(tokens.shape))).reshape(16, 2, -1)
+  w = np.asarray(model.head.kernel[...])[0, :, 0]
+  dh = h[:, 0] - h[:, 1]
+  coef = -1.0 / (1.0 + np.exp(dh @ w))
+  g = np.stack([np.mean((coef[:, None] * dh)[batch["source_id"] == s], 0) for s in (0, 1)])
+  lam_0 = np.clip((g[1] - g[0]) @ g[1] / np.sum((g[0] - g[1]) ** 2), 0, 1)
+  np.testing.assert_allclose([rows[0]["more_lam_0"], rows[0]["more_lam_1"]],
+                             [lam_0, 1 - lam_0], rtol=1e-3, atol=1e-4)
   c.data.sources = ("clean",)
   with pytest.raises(ValueError, match="at least 2 sources"):
     reward_model.make_loss_fn(c)
@@ -318,45 +323,41 @@ def test_more_weights_sources_on_the_simplex(tmp_path):
 # ------------------------------------------------------------------ parameter-set ensembles
 
 
-def test_ensemble_backbones_train_and_differ(tmp_path):
+def test_ensemble_backbones_train_differ_and_shard(tmp_path):
   c = config("steps=3,batch=8,ensemble_backbones=2", eval_steps=0)
   summary = reward_model.run(c, str(tmp_path))
   assert len(losses(tmp_path)) == 3 and np.isfinite(summary["loss"])
-  tok = CharTokenizer()
-  cfg = reward_model.common.model_config(c, tok.vocab_size)
-  mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  cfg = reward_model.common.model_config(c, CharTokenizer().vocab_size)
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
   trained = reward_model.load_trained(c, str(tmp_path), cfg, mesh)
   assert isinstance(trained, reward.RewardEnsemble)
-  embed = np.asarray(trained.members.backbone.embed[...])
-  assert embed.shape[0] == 2 and not np.allclose(embed[0], embed[1])
+  embed = trained.members.backbone.embed
+  # The member axis is replicated; the rest shards like one model: 1/8 per device.
+  assert embed.get_metadata()["logical_axes"] == (None, "vocab", "embed")
+  assert embed.shape[0] == 2 and embed[...].addressable_shards[0].data.size * 8 == embed.size
+  embed = np.asarray(embed[...])
+  assert not np.allclose(embed[0], embed[1])  # different seeds
   batch = next(reward_model.build_task(c).train_iter())
   tokens = batch["tokens"].reshape(-1, batch["tokens"].shape[-1])
   seg = batch["segment_ids"].reshape(tokens.shape)
-  out = np.asarray(trained(tokens, None, seg))
+  score = lambda m, t, s: m(t, None, s)
+  out = np.asarray(score(trained, tokens, seg))
   assert out.shape == (16, 2, 1) and not np.allclose(out[:, 0], out[:, 1])
   # Member 1 alone gives the ensemble's second column.
-  np.testing.assert_allclose(np.asarray(trained.member(1)(tokens, None, seg))[:, 0],
+  np.testing.assert_allclose(np.asarray(score(trained.member(1), tokens, seg))[:, 0],
                              out[:, 1], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(reward_model.ensemble_rewards(out, c)),
                              out[:, :, 0].mean(1), rtol=1e-6)
 
 
-def test_ensemble_backbones_shard_like_one_model():
+def test_ensemble_backbones_sharded_step_equals_single_device():
   c = config("steps=2,batch=16,ensemble_backbones=2")
   task = reward_model.build_task(c)
-  mesh = parallel.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-  with parallel.use_mesh(mesh):
-    model = task.build_model(mesh, parallel.DEFAULT_RULES)
-  embed = model.members.backbone.embed[...]
-  assert embed.shape[0] == 2
-  assert embed.addressable_shards[0].data.size * 8 == embed.size
-  assert model.members.backbone.embed.get_metadata()["logical_axes"] == (None, "vocab", "embed")
   batch = next(task.train_iter())
   tx = optax.sgd(1.0)
   results = []
   for sizes in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
-    devices = jax.devices()[:1] if sizes["data"] == 1 else None
-    mesh = parallel.make_mesh(sizes, devices)
+    mesh = parallel.make_mesh(sizes, jax.devices()[:1] if sizes["data"] == 1 else None)
     with parallel.use_mesh(mesh):
       model = task.build_model(mesh, parallel.DEFAULT_RULES)
       graphdef, params = nnx.split(model)
@@ -373,18 +374,17 @@ def test_ensemble_backbones_shard_like_one_model():
 
 def test_ensemble_backbones_from_a_hf_causal_lm(fixtures_dir):
   from alignjax.data.tokenizer import Tokenizer
+  from alignjax.models import hf
   path = os.path.join(fixtures_dir, "llama")
   c = config("steps=2,batch=8,ensemble_backbones=2")
   c.model.hf_path = path
   cfg = reward_model.common.model_config(c, Tokenizer.from_dir(path).vocab_size)
-  mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  mesh = single_device_mesh()
   model = reward_model.build_reward_model(c, cfg, mesh, parallel.DEFAULT_RULES)
-  single = reward.load_hf_reward_model if False else None  # noqa: F841
-  from alignjax.models import hf
-  lm = hf.load_hf_model(path, lm_head=False)
-  embed = np.asarray(model.members.backbone.embed[...])
-  np.testing.assert_array_equal(embed[0], np.asarray(lm.embed[...]))
-  np.testing.assert_array_equal(embed[1], np.asarray(lm.embed[...]))
+  lm_embed = np.asarray(hf.load_hf_model(path, lm_head=False).embed[...])
+  embed = model.members.backbone.embed
+  assert embed.get_metadata()["logical_axes"] == (None, "vocab", "embed")
+  np.testing.assert_array_equal(np.asarray(embed[...]), np.stack([lm_embed, lm_embed]))
   kernel = np.asarray(model.members.head.kernel[...])
   assert not np.allclose(kernel[0], kernel[1])  # the heads have different seeds
 

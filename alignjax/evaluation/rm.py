@@ -76,15 +76,13 @@ def load_reward_model(path: str, tokenizer, mesh, rules):
 
 
 def _scalar(out_NxExA: np.ndarray, run_cfg) -> np.ndarray:
-  """[N] rewards: ensemble members averaged, attributes combined by the run's weights."""
-  if out_NxExA.shape[-1] > 1:
-    weights = tuple(run_cfg.reward.attribute_weights) if run_cfg is not None else ()
-    if not weights:
-      raise ValueError("A multi-output reward model needs reward.attribute_weights for eval_rm.")
-    out_NxExA = out_NxExA @ np.asarray(weights)
-  else:
-    out_NxExA = out_NxExA[..., 0]
-  return out_NxExA.mean(axis=-1)
+  """[N] rewards: attributes combined and ensemble members aggregated as the training run's
+  config says (`reward.attribute_weights`, `reward.aggregate`); a HF model has one output."""
+  if run_cfg is None:
+    if out_NxExA.shape[-1] != 1:
+      raise ValueError("eval_rm scores HF reward models with a single output (num_labels=1).")
+    return out_NxExA[:, 0, 0]
+  return np.asarray(rm_task.ensemble_rewards(out_NxExA, run_cfg), np.float64)
 
 
 class _Scorer:

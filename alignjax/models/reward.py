@@ -186,19 +186,21 @@ class RewardEnsemble(nnx.Module):
   def num_members(self) -> int:
     return self.size * self.members.head.cfg.ensemble
 
+  def _over_members(self, method: str, out_axis: int, *args, in_axes=None):
+    """`member.<method>(*args)` for every member, with jax.vmap over the stacked state (a
+    plain jax transform, so it also runs inside jax.grad / jacrev of part of the state)."""
+    graphdef, state = nnx.split(self.members)
+    run = lambda s, *a: getattr(nnx.merge(graphdef, s), method)(*a)
+    in_axes = (0, *(in_axes or (None,) * len(args)))
+    return jax.vmap(run, in_axes=in_axes, out_axes=out_axis)(state, *args)
+
   def features(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
     """Each member's final hidden state at the last non-padding token [E, B, D] (float32)."""
-    @nnx.vmap(in_axes=(0, None, None, None), out_axes=0)
-    def run(member, t, p, s):
-      return member.features(t, p, s)
-    return run(self.members, tokens_BxL, positions_BxL, segment_ids_BxL)
+    return self._over_members("features", 0, tokens_BxL, positions_BxL, segment_ids_BxL)
 
   def head_outputs(self, features) -> jax.Array:
     """Outputs [B, E * head.ensemble, A] from `features(...)` [E, B, D]."""
-    @nnx.vmap(in_axes=(0, 0), out_axes=1)
-    def run(member, h):
-      return member.head_outputs(h)
-    out = run(self.members, features)                      # [B, E, head.ensemble, A]
+    out = self._over_members("head_outputs", 1, features, in_axes=(0,))  # [B, E, ens, A]
     return out.reshape(out.shape[0], -1, out.shape[-1])
 
   def tie_parameter(self) -> jax.Array | None:

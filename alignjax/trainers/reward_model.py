@@ -31,7 +31,7 @@ from alignjax.losses import ensemble as ensemble_lib
 from alignjax.losses import registry
 from alignjax.losses.reward import more_weights
 from alignjax.models.reward import (RewardEnsemble, RewardHead, RewardHeadConfig, RewardModel,
-                                    init_reward_model)
+                                    init_reward_model, stack_logical_axes)
 from alignjax.trainers import common, loop
 
 # Loss keyword -> batch field, for the per-example inputs named in `config.loss.from_data`.
@@ -69,6 +69,7 @@ def reward_config() -> ml_collections.ConfigDict:
       attribute_weights=(),   # scalar reward = outputs . w for multi-attribute heads
       aggregate="mean",       # scoring: mean | median | min | mean_minus_std over members
       aggregate_lam=1.0,      # lam of mean_minus_std
+      checkpoint="",          # a reward_model workdir to start from (backbone and head)
   ))
 
 
@@ -100,11 +101,15 @@ def num_backbones(config) -> int:
 def build_reward_model(config, cfg, mesh, rules) -> RewardModel | RewardEnsemble:
   """The reward model, created directly sharded.
 
+  `reward.checkpoint`: the latest parameters of that reward_model run (same head and
+  ensemble settings), e.g. the rm_regression stage of bt_plus_regression option (a).
   One parameter set: the backbone from `model.checkpoint` / `model.hf_path` / random init
   (no LM head) plus a new head. `reward.ensemble_backbones = E > 1`: a `RewardEnsemble` of E
   randomly initialised members (a different seed each), or, with `model.checkpoint` /
   `model.hf_path`, E copies of that backbone with E differently seeded heads.
   """
+  if _get(config.reward, "checkpoint", ""):
+    return load_trained(config, config.reward.checkpoint, cfg, mesh, rules)
   members = num_backbones(config)
   hc = head_config(config)
   if members == 1:
@@ -125,6 +130,7 @@ def build_reward_model(config, cfg, mesh, rules) -> RewardModel | RewardEnsemble
     model = make()
     nnx.update(model.members.backbone, jax.tree.map(
         lambda x: jnp.broadcast_to(x, (members, *x.shape)), backbone_state))
+    stack_logical_axes(model.members)  # nnx.update copied the unstacked metadata
     return nnx.state(model)
 
   with parallel.use_mesh(mesh, rules):
@@ -241,7 +247,17 @@ def check_config(config) -> None:
 
 
 def make_loss_fn(config):
-  """loss_fn(model, batch) for the loop, summed over ensemble members."""
+  """loss_fn(model, batch) -> (loss_sum, denom, metrics) for the loop, summed over ensemble
+  members (so the loop's division gives the members' mean loss).
+
+  Per member: pairwise losses get the scalar rewards of rows 0 (chosen) and 1 (rejected),
+  listwise losses [B, K] scores, `rm_regression` the outputs [B, A], `bt_plus_regression`
+  the better- and worse-rated response of a 2-response list with their ratings. bt_ties in
+  mode rao_kupper / davidson gets the model's learned `tie_param` instead of the constant.
+  With `loss.more` (bt_weighted), lam = MORE weights (see `more_lambdas`; no EMA across
+  steps) feeds `bt_weighted(source=source_id, source_weights=lam, per_source_mean=True)`,
+  and metrics `more_lam_<s>` carry lam * denom, so the loop reports lam.
+  """
   check_config(config)
   name = config.loss.name
   entry = registry.get(name)
@@ -281,7 +297,15 @@ def make_loss_fn(config):
     return entry.fn(out_BxnxA[:, 0], batch["targets"], batch["target_mask"], **kw)  # rated
 
   def more_lambdas(model, features, batch, b, n):
-    """MORE source weights lam [E, S] (stop-gradient), one simplex point per member."""
+    """MORE source weights lam [E, S] (stop-gradient), one simplex point per member.
+
+    *On Diversified Preferences of Large Language Model Alignment* (MORE); METHODS
+    `bt_weighted`. g_s = d(source s's mean BT loss)/d(head weights) with stop-gradient
+    features (jacrev over the head's Params, `tie_param` excluded); for a linear head
+    g_s = mean_{i in s} -sig(-d_i) (h_c,i - h_r,i). lam = more_weights(g, present). The
+    gradient EMA across steps (rate a < 1) is out of scope: rate 1, each step (each
+    micro-batch with grad_accum) uses only its own rows.
+    """
     graphdef, head_state, rest = nnx.split(model, _HEAD_WEIGHTS, ...)
     h = jax.lax.stop_gradient(features)
     mask, src = batch["example_mask"].astype(jnp.float32), batch["source_id"]
