@@ -45,3 +45,57 @@ def test_eval_rm_errors(tmp_path):
   ev.eval_rm.checkpoints = (str(tmp_path / "missing"),)
   with pytest.raises(FileNotFoundError, match="neither an alignjax reward_model workdir"):
     tasks.run_task(ev, str(tmp_path))
+
+
+def test_listwise_subset_and_language_metrics(tmp_path):
+  import json
+  rm = configlib.load_config_file(os.path.join(REPO, "configs", "reward_model.py"),
+                                  "steps=5,batch=16")
+  rm.train.progress_bar = False
+  rm.train.eval_steps = 0
+  rm.train.peak_flops_per_device = 1e9
+  tasks.run_task(rm, str(tmp_path / "run"))
+  rows = []
+  for i in range(40):
+    rows.append({"prompt": "abcd=", "chosen": "abcx" if i % 2 else "abyz",
+                 "rejected": "wxyz", "subset": ["alpacaeval-easy", "donotanswer"][i % 2],
+                 "language": ["en", "de"][(i // 2) % 2]})
+  path = tmp_path / "eval.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  ev = configlib.load_config_file(os.path.join(REPO, "configs", "eval_rm.py"),
+                                  f"checkpoints={tmp_path}/run")
+  ev.data.synthetic = ""
+  ev.data.eval_files = str(path)
+  ev.data.batch_size = 8
+  ev.eval_rm.listwise = False
+  ev.eval_rm.probes = ("offtopic",)
+  res = tasks.run_task(ev, str(tmp_path / "eval"))["run"]
+  assert set(res["pairwise"]["groups"]) == {"alpacaeval-easy", "donotanswer"}
+  assert res["pairwise"]["n"] == 40
+  assert set(res["rb_score"]["sections"]) >= {"Chat", "Safety"}
+  assert set(res["by_language"]["languages"]) == {"en", "de"}
+
+
+def test_listwise_metrics_against_brute_force():
+  from alignjax.evaluation import rm as rm_eval
+  rng = np.random.default_rng(0)
+  rewards = rng.normal(size=(6, 4))
+  scores = np.array([[3, 2, 1, 0], [1, 3, 2, 0], [2, 2, 1, 0], [0, 1, 2, 3], [3, 0, 1, 2],
+                     [1, 0, 0, 0]], np.float32)
+  order = np.argsort(-scores, axis=1, kind="stable")
+  lists = {"valid": np.ones((6, 4), np.float32), "scores": scores, "order": order}
+  lists["valid"][5, 2:] = 0
+  out = rm_eval.listwise_metrics(rewards, lists)
+  hits, n = 0, 0
+  for p in range(6):
+    valid = lists["valid"][p] > 0
+    top = scores[p][valid].max()
+    if (scores[p][valid] == top).sum() > 1:
+      continue  # tied best answer: left out
+    b = int(np.argmax(np.where(valid, scores[p], -np.inf)))
+    others = [rewards[p, j] for j in range(4) if valid[j] and j != b]
+    n += 1
+    hits += rewards[p, b] > max(others)
+  assert out["best_of_k"]["n"] == n == 5
+  assert out["best_of_k"]["accuracy"] == pytest.approx(hits / n)
+  assert out["kendall_tau"]["n"] == 5  # rows with all four answers valid

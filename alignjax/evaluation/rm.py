@@ -44,7 +44,9 @@ def eval_rm_config() -> ml_collections.ConfigDict:
       # data: data.max_responses >= 3 answers per prompt), "filler" (c).
       probes=("offtopic", "slope", "filler"),
       offtopic_min_ratio=2.0,  # (a): the other answer is at least this many times longer
-      max_lists=256,           # (b): prompts with K answers scored
+      listwise=True,           # also score K answers per prompt (data.max_responses): best-of-K,
+                               # one-vs-many MRR, Kendall tau vs. the data's scores, slopes (b)
+      max_lists=256,           # prompts with K answers scored
       seed=0,
   ))
 
@@ -177,6 +179,27 @@ def filler_rows(pairs, tokenizer, seq_len: int):
                tokenizer, seq_len)
 
 
+def listwise_metrics(rewards_PxK: np.ndarray, lists) -> dict:
+  """Best-of-K accuracy, one-vs-many MRR (the data's best answer vs. the others; prompts whose
+  best answer is tied are left out) and Kendall tau-b between rewards and the data's scores
+  (prompts with all K answers)."""
+  valid, scores, order = lists["valid"] > 0, lists["scores"], lists["order"]
+  rows = np.arange(len(order))
+  best = order[:, 0]
+  second = np.take_along_axis(scores, order[:, 1:2], axis=1)[:, 0]
+  unique = (scores[rows, best] > second) & (valid.sum(1) >= 2)
+  r_pos = rewards_PxK[rows, best][unique]
+  neg_mask = valid.copy()
+  neg_mask[rows, best] = False
+  r_neg = np.where(neg_mask, rewards_PxK, -np.inf)[unique]
+  full = valid.all(axis=1)
+  return {
+      "best_of_k": metrics.best_of_k_acc(r_pos, r_neg, neg_mask[unique]),
+      "mrr": metrics.one_vs_many_mrr(r_pos, r_neg, neg_mask[unique]),
+      "kendall_tau": metrics.kendall_tau(rewards_PxK[full], scores[full]),
+  }
+
+
 def evaluate_model(model, run_cfg, config, tokenizer, pairs, lists, mesh, rules,
                    name: str) -> tuple:
   """(results, plots) of one reward model on `pairs` (and `lists`, K answers per prompt)."""
@@ -215,13 +238,24 @@ def evaluate_model(model, run_cfg, config, tokenizer, pairs, lists, mesh, rules,
   if "filler" in probes:
     kw.update(r_orig=r_c, r_filler=_scalar(scorer(filler_rows(pairs, tokenizer, seq_len)),
                                            run_cfg))
-  if "slope" in probes and lists is not None:
+  if lists is not None:
     p, k = lists["tokens"].shape[:2]
     flat_l = {key: lists[key].reshape(p * k, -1) for key in ("tokens", "positions", "segment_ids")}
     rewards = _scalar(scorer(flat_l), run_cfg).reshape(p, k)
-    lengths = lists["length"].astype(np.float64)
-    kw.update(rewards=rewards, lengths=lengths, mask=lists["valid"] > 0)
-    plots["length"] = {"rewards": rewards, "lengths": lengths, "mask": lists["valid"] > 0}
+    results.update(listwise_metrics(rewards, lists))
+    if "slope" in probes:
+      lengths = lists["length"].astype(np.float64)
+      kw.update(rewards=rewards, lengths=lengths, mask=lists["valid"] > 0)
+      plots["length"] = {"rewards": rewards, "lengths": lengths, "mask": lists["valid"] > 0}
+  if groups is not None:
+    names = set(groups.tolist())
+    if any(names & set(s) for s in metrics.REWARDBENCH_SECTIONS.values()):
+      results["rb_score"] = metrics.rb_score(results["pairwise"]["groups"])
+  languages = pairs["vocabularies"].get("language") or ()
+  if len(set(pairs["language_id"].tolist())) > 1:
+    lang = np.array([languages[i] for i in pairs["language_id"]])
+    results["by_language"] = metrics.by_language(
+        r_c, r_r, lang, groups if groups is not None else np.full(n, "all"))
   if kw:
     results["length_bias"] = metrics.length_bias_probe(**kw)
   return results, plots
@@ -241,7 +275,7 @@ def run(config, workdir: str) -> dict:
   rules = parallel.rules_from_config(config.sharding_rules.to_dict())
   pairs = collect_eval(config, tokenizer, ec.max_examples)
   lists = (collect_eval(config, tokenizer, ec.max_lists, "listwise")
-           if "slope" in ec.probes else None)
+           if ec.listwise or "slope" in ec.probes else None)
   write = jax.process_index() == 0
   runs = []
   with parallel.use_mesh(mesh, rules):
