@@ -9,6 +9,7 @@ TASKS = {
     "sft": "alignjax.trainers.sft:run",
     "reward_model": "alignjax.trainers.reward_model:run",
     "eval_rm": "alignjax.evaluation.rm:run",
+    "pref_strength": "alignjax.evaluation.strength:run",
     "pipeline": "alignjax.pipeline:run",
 }
 
