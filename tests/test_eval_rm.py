@@ -6,29 +6,22 @@ import jax
 import numpy as np
 import pytest
 
-from alignjax import configlib, parallel, tasks
+from alignjax import parallel, tasks
 from alignjax.data.tokenizer import CharTokenizer
 from alignjax.models import reward
 from alignjax.trainers import common, reward_model
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.rm_helpers import config_file, train_reward_model
 
 
 def test_alignjax_run_and_hf_export_score_the_same(tmp_path):
-  rm = configlib.load_config_file(os.path.join(REPO, "configs", "reward_model.py"),
-                                  "steps=20,batch=16")
-  rm.train.progress_bar = False
-  rm.train.eval_steps = 0
-  rm.train.peak_flops_per_device = 1e9
-  tasks.run_task(rm, str(tmp_path / "run"))
+  rm = train_reward_model(tmp_path / "run")
   tok = CharTokenizer()
   mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   cfg = common.model_config(rm, tok.vocab_size)
   trained = reward_model.load_trained(rm, str(tmp_path / "run"), cfg, mesh)
   reward.save_hf_reward_model(trained, str(tmp_path / "hf"), pad_token_id=tok.pad_id)
 
-  ev = configlib.load_config_file(os.path.join(REPO, "configs", "eval_rm.py"),
-                                  f"checkpoints={tmp_path}/run+{tmp_path}/hf,examples=128")
+  ev = config_file("eval_rm.py", f"checkpoints={tmp_path}/run+{tmp_path}/hf,examples=128")
   ev.eval_rm.max_lists = 32
   out = tasks.run_task(ev, str(tmp_path / "eval"))
   a, b = out["run"], out["hf"]
@@ -39,7 +32,7 @@ def test_alignjax_run_and_hf_export_score_the_same(tmp_path):
 
 
 def test_eval_rm_errors(tmp_path):
-  ev = configlib.load_config_file(os.path.join(REPO, "configs", "eval_rm.py"))
+  ev = config_file("eval_rm.py")
   with pytest.raises(ValueError, match="checkpoints is empty"):
     tasks.run_task(ev, str(tmp_path))
   ev.eval_rm.checkpoints = (str(tmp_path / "missing"),)
@@ -49,12 +42,7 @@ def test_eval_rm_errors(tmp_path):
 
 def test_listwise_subset_and_language_metrics(tmp_path):
   import json
-  rm = configlib.load_config_file(os.path.join(REPO, "configs", "reward_model.py"),
-                                  "steps=5,batch=16")
-  rm.train.progress_bar = False
-  rm.train.eval_steps = 0
-  rm.train.peak_flops_per_device = 1e9
-  tasks.run_task(rm, str(tmp_path / "run"))
+  train_reward_model(tmp_path / "run", "steps=5,batch=16")
   rows = []
   for i in range(40):
     rows.append({"prompt": "abcd=", "chosen": "abcx" if i % 2 else "abyz",
@@ -62,8 +50,7 @@ def test_listwise_subset_and_language_metrics(tmp_path):
                  "language": ["en", "de"][(i // 2) % 2]})
   path = tmp_path / "eval.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  ev = configlib.load_config_file(os.path.join(REPO, "configs", "eval_rm.py"),
-                                  f"checkpoints={tmp_path}/run")
+  ev = config_file("eval_rm.py", f"checkpoints={tmp_path}/run")
   ev.data.synthetic = ""
   ev.data.eval_files = str(path)
   ev.data.batch_size = 8

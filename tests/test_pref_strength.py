@@ -1,28 +1,20 @@
 """Task pref_strength: ensemble preference strength written back into the records."""
 
 import json
-import os
 
 import jax
 import numpy as np
 
-from alignjax import configlib, parallel, tasks
+from alignjax import parallel, tasks
 from alignjax.data.tokenizer import CharTokenizer
 from alignjax.trainers import common, reward_model
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.rm_helpers import config_file, train_reward_model
 
 
 def test_strength_mu_sigma_filter_and_flip(tmp_path):
-  rm = configlib.load_config_file(os.path.join(REPO, "configs", "reward_model.py"),
-                                  "steps=5,batch=16,ensemble=3")
-  rm.train.progress_bar = False
-  rm.train.eval_steps = 0
-  rm.train.peak_flops_per_device = 1e9
-  tasks.run_task(rm, str(tmp_path / "ens"))
+  rm = train_reward_model(tmp_path / "ens", "steps=5,batch=16,ensemble=3")
 
-  c = configlib.load_config_file(os.path.join(REPO, "configs", "pref_strength.py"),
-                                 f"checkpoints={tmp_path}/ens,records=48")
+  c = config_file("pref_strength.py", f"checkpoints={tmp_path}/ens,records=48")
   plain = tasks.run_task(c, str(tmp_path / "plain"))
   rows = [json.loads(l) for l in open(plain["output"])]
   assert len(rows) == 48 and all({"margin", "margin_std", "strength_route"} <= set(r) for r in rows)

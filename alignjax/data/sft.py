@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import jinja2

@@ -31,7 +31,7 @@ from flax import nnx
 
 from alignjax.models import hf
 from alignjax.parallel import LOGICAL_AXES_KEY
-from alignjax.models.config import ModelConfig, to_dtype
+from alignjax.models.config import ModelConfig
 from alignjax.models.transformer import Transformer
 
 HEAD_KINDS = ("linear", "mlp", "gpm")
