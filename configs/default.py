@@ -11,8 +11,10 @@ Stages (each in <workdir>/<stage>):
   eval_rm                     both reward models on unbiased held-out pairs: reports, plots,
                               and the length-bias probe, which flags only the biased one.
 
-`:only=sft` (or reward_model / eval_rm) gives a single stage's config; `:steps=` and the other
-arguments size the SFT stage, `:rm_steps=` the reward models.
+`:only=sft` (or reward_model / reward_model_length_biased) gives a single stage's config
+(`:only=eval_rm` also needs `--config.eval_rm.checkpoints=...`: `{workdir}` is filled in only
+by the pipeline); `:steps=` and the other arguments size the SFT stage, `:rm_steps=` the
+reward models.
 """
 
 import os

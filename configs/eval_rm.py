@@ -29,4 +29,5 @@ def get_config(arg=None):
   # default probes here are (a) off-topic longer answers and (b) length slopes.
   c.eval_rm.offtopic_min_ratio = 1.5
   c.eval_rm.probes = ("offtopic", "slope")
+  c.eval_rm.listwise = True  # the synthetic task also makes K-answer lists
   return c

@@ -18,7 +18,7 @@ def make_parser(description):
         epilog="Flags after a bare `--` (and any --config.a.b=value flags) are "
                "passed through to alignjax.main.")
     p.add_argument("--config", required=True,
-                   help="config file with optional args, e.g. configs/default.py:small")
+                   help="config file with optional args, e.g. configs/default.py:only=sft,steps=300")
     p.add_argument("--workdir", required=True, help="output directory (e.g. gs://bucket/run)")
     p.add_argument("--env", action="append", default=[], metavar="K=V",
                    help="extra environment variable for the run (repeatable)")

@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from alignjax import parallel, tasks
 from alignjax.data.tokenizer import CharTokenizer
@@ -42,5 +43,12 @@ def test_strength_mu_sigma_filter_and_flip(tmp_path):
   c.strength.tau_keep = float(np.median(plain["mu"]))
   flipped = tasks.run_task(c, str(tmp_path / "flip"))
   kept = [json.loads(l) for l in open(flipped["output"])]
-  assert flipped["num_kept"] == len(kept) == int((plain["mu"] >= c.strength.tau_keep).sum())
+  # Flipped first (|mu| for mu < 0), then kept where the flipped mu >= tau_keep.
+  want = np.abs(plain["mu"]) >= c.strength.tau_keep
+  assert flipped["num_kept"] == len(kept) == int(want.sum())
   assert all(r["margin"] >= 0 for r in kept)  # flipped pairs carry the positive strength
+  by_prompt = {(r["prompt"], r["chosen"]): r for r in rows}
+  for r in kept:
+    if r["strength_flipped"]:
+      orig = by_prompt[(r["prompt"], r["rejected"])]  # the original chosen is now rejected
+      assert orig["margin"] < 0 and r["margin"] == pytest.approx(-orig["margin"])

@@ -41,10 +41,10 @@ def eval_rm_config() -> ml_collections.ConfigDict:
       max_examples=1024,    # eval pairs scored per model (a finite pass stops earlier)
       ece_bins=10,
       # Length-bias probes (METHODS 6.8): "offtopic" (a), "slope" (b; needs listwise eval
-      # data: data.max_responses >= 3 answers per prompt), "filler" (c).
-      probes=("offtopic", "slope", "filler"),
+      # records with >= 3 answers per prompt, so listwise=True), "filler" (c).
+      probes=("offtopic", "filler"),
       offtopic_min_ratio=2.0,  # (a): the other answer is at least this many times longer
-      listwise=True,           # also score K answers per prompt (data.max_responses): best-of-K,
+      listwise=False,          # also score K answers per prompt (data.max_responses): best-of-K,
                                # one-vs-many MRR, Kendall tau vs. the data's scores, slopes (b)
       max_lists=256,           # prompts with K answers scored
       seed=0,
@@ -274,8 +274,10 @@ def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.mesh.to_dict())
   rules = parallel.rules_from_config(config.sharding_rules.to_dict())
   pairs = collect_eval(config, tokenizer, ec.max_examples)
-  lists = (collect_eval(config, tokenizer, ec.max_lists, "listwise")
-           if ec.listwise or "slope" in ec.probes else None)
+  if "slope" in ec.probes and not ec.listwise:
+    raise ValueError("config.eval_rm.probes has 'slope', which needs listwise eval records "
+                     "(K answers per prompt): set config.eval_rm.listwise=True.")
+  lists = collect_eval(config, tokenizer, ec.max_lists, "listwise") if ec.listwise else None
   write = jax.process_index() == 0
   runs = []
   with parallel.use_mesh(mesh, rules):

@@ -6,8 +6,9 @@ Every member e of the ensemble (all members of every model in `strength.checkpoi
 each pair: d_e = r_e(chosen) - r_e(rejected), [E, N]; mu = mean_e d_e, sigma = std_e d_e. The
 output JSONL holds the input records with `mu` written to `strength.mu_field` (default
 `margin`, which bt_margin / bt_flip / secrets2 read) and sigma to `strength.sigma_field`, then
-optionally filtered (`strength_filter`) and flipped (pairs with mu < -tau_flip get chosen and
-rejected swapped and mu negated), with the `route` code (0 flip, 1 smooth, 2 margin) in
+optionally flipped (pairs with mu < -tau_flip get chosen and rejected swapped, mu negated and
+`strength_flipped: true`) and then filtered (`strength_filter` on the flipped mu), with the
+ensemble's `route` code for the original pair (0 flip, 1 smooth, 2 margin) in
 `strength.route_field`.
 """
 
@@ -90,22 +91,26 @@ def run(config, workdir: str) -> dict:
                      "their standard deviation); list more checkpoints or train with "
                      "reward.ensemble / reward.ensemble_backbones > 1.")
   mu, sigma = ensemble.pref_strength(d_ExN)
-  keep = (np.ones(n, bool) if sc.filter == "none" else
-          np.asarray(ensemble.strength_filter(mu, sigma, tau_keep=sc.tau_keep, mode=sc.filter,
-                                              q=sc.q)))
+  # The secrets2 route of each pair as the ensemble sees it (0 flip, 1 smooth, 2 margin).
   route = np.asarray(ensemble.route(mu, delta=sc.delta, tau_flip=sc.tau_flip))
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
-  out_records, flipped = [], 0
+  # Flipping first: a confidently reversed pair is repaired, not filtered away.
+  flip = (mu < -sc.tau_flip) if sc.flip else np.zeros(n, bool)
+  mu = np.where(flip, -mu, mu)
+  keep = (np.ones(n, bool) if sc.filter == "none" else
+          np.asarray(ensemble.strength_filter(jnp.asarray(mu), jnp.asarray(sigma),
+                                              tau_keep=sc.tau_keep, mode=sc.filter, q=sc.q)))
+  out_records = []
   for i, rec in enumerate(records):
     if not keep[i]:
       continue
-    m = float(mu[i])
-    if sc.flip and m < -sc.tau_flip:
+    if flip[i]:
       rec["chosen"], rec["rejected"] = rec["rejected"], rec["chosen"]
-      m, flipped = -m, flipped + 1
-    rec[sc.mu_field], rec[sc.sigma_field] = m, float(sigma[i])
+    rec[sc.mu_field], rec[sc.sigma_field] = float(mu[i]), float(sigma[i])
     rec[sc.route_field] = int(route[i])
+    rec["strength_flipped"] = bool(flip[i])
     out_records.append(rec)
+  flipped = int(flip[keep].sum())
   output = sc.output or os.path.join(workdir, "pref_strength.jsonl")
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -115,7 +120,8 @@ def run(config, workdir: str) -> dict:
         f.write(json.dumps(rec) + "\n")
     os.replace(tmp, output)
     print(f"preference strength: {n} pairs scored by {d_ExN.shape[0]} members; kept "
-          f"{len(out_records)}, flipped {flipped}; mean mu {mu.mean():.3f}, mean sigma "
-          f"{sigma.mean():.3f} -> {output}", flush=True)
+          f"{len(out_records)}, flipped {flipped} of them; kept mean mu "
+          f"{mu[keep].mean() if keep.any() else float('nan'):.3f}, mean sigma "
+          f"{sigma[keep].mean() if keep.any() else float('nan'):.3f} -> {output}", flush=True)
   return {"num_scored": n, "num_kept": len(out_records), "num_flipped": flipped,
           "mu": mu, "sigma": sigma, "output": output}

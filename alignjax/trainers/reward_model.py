@@ -387,13 +387,12 @@ def build_task(config, tokenizer=None) -> loop.Task:
 def run(config, workdir: str) -> dict:
   """Entry point for `config.task == "reward_model"`."""
   summary = loop.train(config, workdir, build_task(config))
-  if jax.process_index() == 0:
-    if "eval_accuracy" in summary:
-      before = summary.get("initial_eval_accuracy", float("nan"))
-      print(f"held-out pairwise accuracy: before {before:.1%}, after "
-            f"{summary['eval_accuracy']:.1%}", flush=True)
-    elif "eval_squared_error" in summary:
-      before = summary.get("initial_eval_squared_error", float("nan"))
-      print(f"held-out squared error per label: before {before:.4g}, after "
-            f"{summary['eval_squared_error']:.4g}", flush=True)
+  if jax.process_index() == 0:  # "before" is known only when this call started at step 0
+    for key, label, fmt in (("eval_accuracy", "pairwise accuracy", ".1%"),
+                            ("eval_squared_error", "squared error per label", ".4g")):
+      if key in summary:
+        before = summary.get(f"initial_{key}")
+        prefix = f"before {before:{fmt}}, after " if before is not None else ""
+        print(f"held-out {label}: {prefix}{summary[key]:{fmt}}", flush=True)
+        break
   return summary
