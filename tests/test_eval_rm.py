@@ -86,3 +86,34 @@ def test_listwise_metrics_against_brute_force():
   assert out["best_of_k"]["n"] == n == 5
   assert out["best_of_k"]["accuracy"] == pytest.approx(hits / n)
   assert out["kendall_tau"]["n"] == 5  # rows with all four answers valid
+
+
+def test_contrast_consistency_from_files(tmp_path):
+  import json
+  from alignjax.evaluation import metrics
+  rm = train_reward_model(tmp_path / "run", "steps=5,batch=16")
+  rows = [{"prompt_1": "abcd=", "response_1": "abcx", "prompt_2": "wxyz=", "response_2": "wxya"},
+          {"prompt_1": "mnop=", "response_1": "mnqr", "prompt_2": "efgh=", "response_2": "efij"}]
+  path = tmp_path / "contrast.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  ev = config_file("eval_rm.py", f"checkpoints={tmp_path}/run,examples=64")
+  ev.eval_rm.contrast_files = str(path)
+  res = tasks.run_task(ev, str(tmp_path / "eval"))["run"]
+  # Independent: score r(I_a, R_b) directly with the trained model.
+  tok = CharTokenizer()
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  model = reward_model.load_trained(rm, str(tmp_path / "run"), common.model_config(
+      rm, tok.vocab_size), mesh)
+  from alignjax.data import preference as pref
+  S = np.zeros((2, 2, 2))
+  for i, r in enumerate(rows):
+    for a in (1, 2):
+      prompt, resp = pref.encode_preference(
+          {"prompt": r[f"prompt_{a}"], "responses": [r["response_1"], r["response_2"]]}, tok)
+      batch, _ = pref.preference_rows(prompt, resp, seq_len=16, pad_id=tok.pad_id)
+      S[i, a - 1] = np.asarray(model(batch["tokens"], batch["positions"],
+                                     batch["segment_ids"]))[:, 0, 0]
+  want = metrics.contrast_consistency(S)
+  assert res["contrast"]["n"] == 2
+  assert res["contrast"]["per_comparison"] == want["per_comparison"]
+  assert res["contrast"]["per_example"] == want["per_example"]

@@ -8,7 +8,8 @@ pairwise accuracy overall and per subset (`eval.pairwise_acc`), calibration (`ev
 `eval.reliability`, fitted temperature), reward histograms, and the length-bias probes
 (`eval.length_bias_probe`): (a) own answer vs. a >= 2x longer answer to another prompt,
 (b) per-prompt slope of reward on log length over K answers (listwise eval data), (c) the
-answer vs. the same answer with its last sentence repeated.
+answer vs. the same answer with its last sentence repeated; contrast-set consistency
+(`eval.contrast_consistency`) from `eval_rm.contrast_files`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def eval_rm_config() -> ml_collections.ConfigDict:
       listwise=False,          # also score K answers per prompt (data.max_responses): best-of-K,
                                # one-vs-many MRR, Kendall tau vs. the data's scores, slopes (b)
       max_lists=256,           # prompts with K answers scored
+      # Contrast sets (METHODS 6.7): JSONL/Parquet records {"prompt_1", "response_1",
+      # "prompt_2", "response_2"}: two similar instructions with their gold answers.
+      contrast_files="",
       seed=0,
   ))
 
@@ -179,6 +183,30 @@ def filler_rows(pairs, tokenizer, seq_len: int):
                tokenizer, seq_len)
 
 
+CONTRAST_FIELDS = ("prompt_1", "response_1", "prompt_2", "response_2")
+
+
+def contrast_rows(config, tokenizer) -> dict[str, np.ndarray]:
+  """Rows r(I_a, R_b) for a, b in {1, 2} of every contrast record: [4 * B, L] in the order
+  (1,1), (1,2), (2,1), (2,2)."""
+  from alignjax.data import sources  # noqa: PLC0415
+  from alignjax.data.records import RecordError  # noqa: PLC0415
+  source = sources.open_source(config.eval_rm.contrast_files, config.data.format)
+  items = []
+  for i in range(len(source)):
+    rec, where = source[i], source.where(i)
+    for field in CONTRAST_FIELDS:
+      if not isinstance(rec.get(field) if isinstance(rec, dict) else None, str):
+        raise RecordError(where, field, "a contrast record needs four strings "
+                          f"{CONTRAST_FIELDS}", "fix the record")
+    for a in (1, 2):
+      prompt, responses = pref_data.encode_preference(
+          {"prompt": rec[f"prompt_{a}"], "responses": [rec["response_1"], rec["response_2"]]},
+          tokenizer, where, context_template=config.data.context_template)
+      items += [(prompt, r) for r in responses]
+  return _rows(items, tokenizer, config.data.seq_len)
+
+
 def listwise_metrics(rewards_PxK: np.ndarray, lists) -> dict:
   """Best-of-K accuracy, one-vs-many MRR (the data's best answer vs. the others; prompts whose
   best answer is tied are left out) and Kendall tau-b between rewards and the data's scores
@@ -201,7 +229,7 @@ def listwise_metrics(rewards_PxK: np.ndarray, lists) -> dict:
 
 
 def evaluate_model(model, run_cfg, config, tokenizer, pairs, lists, mesh, rules,
-                   name: str) -> tuple:
+                   name: str, contrast=None) -> tuple:
   """(results, plots) of one reward model on `pairs` (and `lists`, K answers per prompt)."""
   ec = config.eval_rm
   scorer = _Scorer(model, mesh, rules, config.data.batch_size)
@@ -247,6 +275,9 @@ def evaluate_model(model, run_cfg, config, tokenizer, pairs, lists, mesh, rules,
       lengths = lists["length"].astype(np.float64)
       kw.update(rewards=rewards, lengths=lengths, mask=lists["valid"] > 0)
       plots["length"] = {"rewards": rewards, "lengths": lengths, "mask": lists["valid"] > 0}
+  if contrast is not None:
+    s = _scalar(scorer(contrast), run_cfg).reshape(-1, 2, 2)
+    results["contrast"] = metrics.contrast_consistency(s)
   if groups is not None:
     names = set(groups.tolist())
     if any(names & set(s) for s in metrics.REWARDBENCH_SECTIONS.values()):
@@ -278,13 +309,14 @@ def run(config, workdir: str) -> dict:
     raise ValueError("config.eval_rm.probes has 'slope', which needs listwise eval records "
                      "(K answers per prompt): set config.eval_rm.listwise=True.")
   lists = collect_eval(config, tokenizer, ec.max_lists, "listwise") if ec.listwise else None
+  contrast = contrast_rows(config, tokenizer) if ec.contrast_files else None
   write = jax.process_index() == 0
   runs = []
   with parallel.use_mesh(mesh, rules):
     for name, path in zip(names, ec.checkpoints):
       model, run_cfg = load_reward_model(path, tokenizer, mesh, rules)
       results, plots = evaluate_model(model, run_cfg, config, tokenizer, pairs, lists, mesh,
-                                      rules, name)
+                                      rules, name, contrast)
       report.write_report(results, os.path.join(workdir, name), name="rm_eval", plots=plots,
                           write=write)
       runs.append((name, results))
