@@ -63,18 +63,19 @@ def test_listwise_losses_train(tmp_path, name):
   assert len(losses(tmp_path)) == 3 and np.isfinite(summary["loss"])
 
 
-def test_sharded_step_equals_single_device():
-  c = config("steps=2,batch=16,head=mlp,ensemble=2")
+_SINGLE = {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+def assert_sharded_steps_match(c, meshes):
+  """One train step of `c` on a single device and on each mesh in `meshes`: equal loss, grad
+  norm and updated parameters. SGD, so updated parameters differ exactly as the gradients
+  do (Adam's first step, g / (|g| + eps), would amplify float noise in near-zero entries)."""
   task = reward_model.build_task(c)
   batch = next(task.train_iter())
-  # SGD: the updated parameters differ exactly as the gradients do (Adam's first step,
-  # g / (|g| + eps), would amplify float noise in near-zero gradient entries).
   tx = optax.sgd(1.0)
   results = []
-  for sizes in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2},
-                {"data": 1, "fsdp": 8, "tensor": 1}):
-    devices = jax.devices()[:1] if sizes["data"] * sizes["fsdp"] * sizes["tensor"] == 1 else None
-    mesh = parallel.make_mesh(sizes, devices)
+  for sizes in (_SINGLE, *meshes):
+    mesh = parallel.make_mesh(sizes, jax.devices()[:1] if sizes == _SINGLE else None)
     with parallel.use_mesh(mesh):
       model = task.build_model(mesh, parallel.DEFAULT_RULES)
       graphdef, params = nnx.split(model)
@@ -86,8 +87,14 @@ def test_sharded_step_equals_single_device():
   for m, p in rest:
     np.testing.assert_allclose(m["loss"], m0["loss"], rtol=1e-5)
     np.testing.assert_allclose(m["grad_norm"], m0["grad_norm"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p0)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(p0)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_step_equals_single_device():
+  assert_sharded_steps_match(config("steps=2,batch=16,head=mlp,ensemble=2"),
+                             [{"data": 2, "fsdp": 2, "tensor": 2},
+                              {"data": 1, "fsdp": 8, "tensor": 1}])
 
 
 def test_trained_model_exports_and_reloads_identically(tmp_path):
@@ -351,25 +358,8 @@ def test_ensemble_backbones_train_differ_and_shard(tmp_path):
 
 
 def test_ensemble_backbones_sharded_step_equals_single_device():
-  c = config("steps=2,batch=16,ensemble_backbones=2")
-  task = reward_model.build_task(c)
-  batch = next(task.train_iter())
-  tx = optax.sgd(1.0)
-  results = []
-  for sizes in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}):
-    mesh = parallel.make_mesh(sizes, jax.devices()[:1] if sizes["data"] == 1 else None)
-    with parallel.use_mesh(mesh):
-      model = task.build_model(mesh, parallel.DEFAULT_RULES)
-      graphdef, params = nnx.split(model)
-      state = loop.init_state(params, tx, mesh, parallel.DEFAULT_RULES, 0)
-      step = jax.jit(loop.make_train_step(graphdef, task.loss_fn, tx, lambda s: 1e-3))
-      state, metrics = step(state, parallel.shard_batch(batch, mesh))
-      results.append((jax.device_get(metrics), jax.device_get(state.params)))
-  (m0, p0), (m1, p1) = results
-  np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5)
-  np.testing.assert_allclose(m1["grad_norm"], m0["grad_norm"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  assert_sharded_steps_match(config("steps=2,batch=16,ensemble_backbones=2"),
+                             [{"data": 2, "fsdp": 2, "tensor": 2}])
 
 
 def test_ensemble_backbones_from_a_hf_causal_lm(fixtures_dir):
