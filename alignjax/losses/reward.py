@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignjax.losses import ensemble
+from alignjax.losses.common import mask_rows as _mask, rows as _rows, wsum as _wsum
 from alignjax.losses.registry import register
 
 _f32 = jnp.float32
@@ -32,24 +33,6 @@ TIE_MODES = ("half", "rao_kupper", "davidson")
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def _rows(x, b, name):
-  """`x` as float32 [B]; a scalar is broadcast."""
-  x = jnp.asarray(x, _f32)
-  if x.ndim == 0:
-    return jnp.broadcast_to(x, (b,))
-  chex.assert_shape(x, (b,), custom_message=f"{name} must be a scalar or [B={b}]")
-  return x
-
-
-def _mask(mask, b):
-  return jnp.ones((b,), _f32) if mask is None else _rows(mask, b, "mask")
-
-
-def _wsum(w, x):
-  """sum(w * x), with rows of weight 0 contributing exactly 0 (even if x is inf/NaN there)."""
-  return jnp.sum(jnp.where(w != 0, w * x, 0.0))
 
 
 def _pairs(r_c, r_r, mask):
