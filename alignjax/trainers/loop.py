@@ -46,6 +46,11 @@ class Task:
   eval_iter() -> a fresh finite iterable of eval batches, or None.
   evaluate(model, step) -> dict of extra eval metrics (e.g. generation accuracy), or None.
   flops_per_token: analytic training FLOPs per token (for MFU); tokens_per_batch: B * L.
+  build_frozen(model, mesh, rules) -> a pytree of arrays that the step reads but does not
+    train (e.g. a DPO reference model's state), stored and checkpointed in
+    `TrainState.frozen`; the loop then calls `loss_fn(model, batch, frozen)`.
+  update_frozen(step, params, frozen) -> frozen: run inside the jitted step after the
+    optimizer update (`step` = the new step count), e.g. resetting a reference to the policy.
   """
 
   build_model: Callable[[Any, Mapping], nnx.Module]
@@ -55,6 +60,8 @@ class Task:
   evaluate: Callable[[nnx.Module, int], dict] | None = None
   flops_per_token: float = 0.0
   tokens_per_batch: int = 0
+  build_frozen: Callable[[nnx.Module, Any, Mapping], Any] | None = None
+  update_frozen: Callable[[jax.Array, Any, Any], Any] | None = None
 
 
 @flax.struct.dataclass
@@ -63,15 +70,20 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+  frozen: Any = None  # untrained arrays the step reads (Task.build_frozen), e.g. a reference
 
 
-def init_state(params, tx, mesh, rules, seed: int) -> TrainState:
+def init_state(params, tx, mesh, rules, seed: int, frozen=None) -> TrainState:
   """Optimizer state created directly sharded like the (already sharded) params."""
-  def init(p):
+  def init(p, f):
     return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                      rng=jax.random.key_data(jax.random.key(seed)))
-  shardings = parallel.state_shardings(jax.eval_shape(init, params), mesh, rules)
-  return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
+                      rng=jax.random.key_data(jax.random.key(seed)), frozen=f)
+  shardings = parallel.state_shardings(jax.eval_shape(init, params, frozen), mesh, rules)
+  return jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen)
+
+
+def _call_loss(loss_fn, model, batch, frozen):
+  return loss_fn(model, batch) if frozen is None else loss_fn(model, batch, frozen)
 
 
 def _split_micro(x: jax.Array, n: int) -> jax.Array:
@@ -87,48 +99,53 @@ def _normalise(metrics: dict, denom) -> dict:
   return {k: v if k.startswith("num_") else v * scale for k, v in metrics.items()}
 
 
-def make_train_step(graphdef, loss_fn: LossFn, tx, schedule, grad_accum: int = 1):
+def make_train_step(graphdef, loss_fn: LossFn, tx, schedule, grad_accum: int = 1,
+                    update_frozen=None):
   """(state, batch) -> (state, metrics). Gradients are sum-of-losses / total denominator over
   all micro-batches and devices, so accumulation and data parallelism are exact."""
 
-  def compute(params, batch):
-    loss_sum, denom, metrics = loss_fn(nnx.merge(graphdef, params), batch)
+  def compute(params, frozen, batch):
+    loss_sum, denom, metrics = _call_loss(loss_fn, nnx.merge(graphdef, params), batch, frozen)
     return loss_sum, (denom, metrics)
 
   grad_fn = jax.value_and_grad(compute, has_aux=True)
 
   def step(state: TrainState, batch):
+    frozen = state.frozen
     if grad_accum == 1:
-      (loss_sum, (denom, metrics)), grads = grad_fn(state.params, batch)
+      (loss_sum, (denom, metrics)), grads = grad_fn(state.params, frozen, batch)
     else:
       micro = jax.tree.map(lambda x: _split_micro(x, grad_accum), batch)
 
       def body(acc, mb):
-        (ls, (d, m)), g = grad_fn(state.params, mb)
+        (ls, (d, m)), g = grad_fn(state.params, frozen, mb)
         return jax.tree.map(jnp.add, acc, (ls, d, m, g)), None
 
       first = jax.tree.map(lambda x: x[0], micro)
       shapes = jax.eval_shape(lambda: (lambda o: (o[0][0], o[0][1][0], o[0][1][1], o[1]))(
-          grad_fn(state.params, first)))
+          grad_fn(state.params, frozen, first)))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       (loss_sum, denom, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
     denom = denom.astype(jnp.float32)
     grads = jax.tree.map(lambda g: g / jnp.maximum(denom, 1.0), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if update_frozen is not None:
+      frozen = update_frozen(state.step + 1, params, frozen)
     out = _normalise(metrics, denom)
     out.update(loss=loss_sum / jnp.maximum(denom, 1.0), grad_norm=optax.tree.norm(grads),
                param_norm=optax.tree.norm(params), learning_rate=schedule(state.step),
                num_denominator=denom)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         frozen=frozen), out
 
   return step
 
 
 def make_eval_step(graphdef, loss_fn: LossFn):
-  """params, batch -> (loss_sum, denominator, metric sums)."""
-  def step(params, batch):
-    return loss_fn(nnx.merge(graphdef, params), batch)
+  """(params, frozen, batch) -> (loss_sum, denominator, metric sums)."""
+  def step(params, frozen, batch):
+    return _call_loss(loss_fn, nnx.merge(graphdef, params), batch, frozen)
   return step
 
 
@@ -163,7 +180,7 @@ class _Preemption:
 
 
 def evaluate(task: Task, graphdef, params, eval_step, mesh, rules, num_batches: int,
-             step: int) -> dict:
+             step: int, frozen=None) -> dict:
   """Mean eval loss over `num_batches` eval batches plus the task's own evaluation."""
   out = {}
   if task.eval_iter is not None and num_batches > 0:
@@ -179,7 +196,7 @@ def evaluate(task: Task, graphdef, params, eval_step, mesh, rules, num_batches: 
         batch = {k: np.zeros_like(v) for k, v in template.items()}
       if template is None:
         template = batch
-      res = eval_step(params, parallel.shard_batch(batch, mesh, rules))
+      res = eval_step(params, frozen, parallel.shard_batch(batch, mesh, rules))
       totals = res if totals is None else jax.tree.map(jnp.add, totals, res)
     if totals is not None:
       loss_sum, denom, metrics = jax.device_get(totals)
@@ -208,11 +225,14 @@ def train(config, workdir: str, task: Task) -> dict:
 
   with parallel.use_mesh(mesh, rules):
     model = task.build_model(mesh, rules)
+    frozen = task.build_frozen(model, mesh, rules) if task.build_frozen else None
     graphdef, params = nnx.split(model)
     del model
-    state = init_state(params, tx, mesh, rules, config.seed)
+    state = init_state(params, tx, mesh, rules, config.seed, frozen)
+    del frozen
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    train_step = jax.jit(make_train_step(graphdef, task.loss_fn, tx, schedule, tc.grad_accum),
+    train_step = jax.jit(make_train_step(graphdef, task.loss_fn, tx, schedule, tc.grad_accum,
+                                         task.update_frozen),
                          donate_argnums=0, out_shardings=(state_sharding, None))
     eval_step = jax.jit(make_eval_step(graphdef, task.loss_fn))
 
@@ -228,11 +248,12 @@ def train(config, workdir: str, task: Task) -> dict:
                                       progress_bar=tc.progress_bar)
     summary: dict = {}
 
-    def run_eval(params, step):
-      return evaluate(task, graphdef, params, eval_step, mesh, rules, tc.eval_steps, step)
+    def run_eval(state, step):
+      return evaluate(task, graphdef, state.params, eval_step, mesh, rules, tc.eval_steps, step,
+                      state.frozen)
 
     if start == 0:
-      initial = run_eval(state.params, 0)
+      initial = run_eval(state, 0)
       summary.update({f"initial_{k}": v for k, v in initial.items()})
       writer.write(0, summary)
 
@@ -255,7 +276,7 @@ def train(config, workdir: str, task: Task) -> dict:
           writer.write(step, {k: float(v) for k, v in m.items()})
           summary.update({k: float(v) for k, v in m.items()})
         if tc.eval_every and step % tc.eval_every == 0 and not is_last:
-          writer.write(step, run_eval(state.params, step))
+          writer.write(step, run_eval(state, step))
         stop = preempt.requested if jax.process_count() == 1 else (
             step % tc.log_every == 0 and preempt.agreed())
         if is_last or stop or step % config.checkpoint.every == 0:
@@ -267,7 +288,7 @@ def train(config, workdir: str, task: Task) -> dict:
           summary["preempted_at"] = step
           return summary
     checkpointer.wait()
-    res = run_eval(state.params, step)
+    res = run_eval(state, step)
     writer.write(step, res)
     writer.close()
     summary.update(res)
