@@ -92,6 +92,7 @@ def train_config() -> ml_collections.ConfigDict:
       eval_steps=10,              # eval batches per evaluation
       peak_flops_per_device=0.0,  # 0: measured with a matmul at start-up
       logprob_chunk_size=1024,    # length chunk for token log-probs (no [B,L,V] f32 logits)
+      logprob_vocab_chunk_size=0,  # vocabulary chunk within it (0: whole vocabulary)
       progress_bar=True,
   ))
 

@@ -10,6 +10,8 @@ TASKS = {
     "reward_model": "alignjax.trainers.reward_model:run",
     "eval_rm": "alignjax.evaluation.rm:run",
     "pref_strength": "alignjax.evaluation.strength:run",
+    "dpo": "alignjax.trainers.dpo:run",
+    "ref_logps": "alignjax.trainers.ref_logps:run",
     "pipeline": "alignjax.pipeline:run",
 }
 

@@ -201,7 +201,8 @@ def test_default_config():
                                           num_responses=4, length_bias=False,
                                           num_records=1_000_000, eval_fraction=0.1)
   new = {"context_template", "min_response_tokens", "max_responses", "truncate_lists",
-         "attributes", "sources", "users", "subsets", "languages", "preference"}
+         "attributes", "sources", "users", "subsets", "languages", "preference",
+         "extra_fields", "extra_responses"}
   assert set(cfg) == set(data.default_data_config()) - {"packing", "arithmetic"} | new
 
 

@@ -16,6 +16,11 @@ global_batch_size // process_count, L = seq_len):
   listwise:  valid float32 [B,K], scores float32 [B,K] (0 where invalid), order int32 [B,K]
              (indices best first, padded with the worst valid index), n int32 [B]
   rated:     targets float32 [B,A], target_mask float32 [B,A], A = len(data.attributes)
+  data.extra_fields: one float32 array per named record field: [B] for a number, [B,K] for a
+             list of numbers (one per response; e.g. precomputed reference log-probs)
+  data.extra_responses (pairwise): more response rows after chosen and rejected, one per
+             named record field holding a response (e.g. a reference sample for SELM); the
+             example then has K = 2 + len(extra_responses) rows
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ def default_preference_data_config() -> ml_collections.ConfigDict:
       users=(),                # vocabulary of "user_id" (empty: every user_id is 0)
       subsets=(),              # vocabulary of "subset" (empty: eval split reads it from files)
       languages=(),            # vocabulary of "language" (same as subsets)
+      extra_fields=(),         # numeric record fields copied into the batch (see above)
+      extra_responses=(),      # pairwise: record fields holding extra responses (extra rows)
       preference=dict(prompt_len=4, min_len=4, max_len=8, min_gap=1, num_responses=4,
                       length_bias=False, num_records=1_000_000, eval_fraction=0.1),
   ))
@@ -172,7 +179,10 @@ class _PreferenceExample:
     self.attributes = tuple(data_cfg.get("attributes", ()))
     self.max_responses = int(data_cfg.get("max_responses", 4))
     self.truncate_lists = bool(data_cfg.get("truncate_lists", False))
-    self.rows = {"pairwise": 2, "listwise": self.max_responses, "rated": 1}[kind]
+    self.extra_fields = tuple(data_cfg.get("extra_fields", ()))
+    self.extra_responses = tuple(data_cfg.get("extra_responses", ())) if kind == "pairwise" else ()
+    self.rows = {"pairwise": 2 + len(self.extra_responses), "listwise": self.max_responses,
+                 "rated": 1}[kind]
     self.vocab_ids = {f: {v: i for i, v in enumerate(vocab)} for f, vocab in vocabularies.items()}
 
   def _ids(self, record: dict[str, Any], where: str) -> dict[str, np.ndarray]:
@@ -211,16 +221,22 @@ class _PreferenceExample:
     if self.kind == "listwise":
       record = self._keep_best(record, where)
     ids = self._ids(record, where)
+    names = _response_names(self.kind, len(record["responses"]))
+    if self.extra_responses:
+      record = dict(record, responses=list(record["responses"]) + [
+          _extra_response(raw, f, record["responses"][0], where) for f in self.extra_responses])
+      names = names + list(self.extra_responses)
     n = len(record["responses"])
     prompt, responses = encode_preference(record, self.tokenizer, where,
-                                          context_template=self.template,
-                                          names=_response_names(self.kind, n))
+                                          context_template=self.template, names=names)
     example, truncated = preference_rows(
         prompt, responses, seq_len=self.seq_len, pad_id=self.tokenizer.pad_id,
         num_rows=self.rows, min_response_tokens=self.min_response_tokens,
         truncation=self.truncation, where=where)
     self.stats.add(truncated=int(truncated), truncated_lists=int(n < num_responses))
     example.update(ids, example_mask=np.float32(1.0))
+    for field in self.extra_fields:
+      example[field] = _extra_number(raw, field, n, self.rows, where)
     if self.kind == "pairwise":
       if record["responses"][0] == record["responses"][1]:
         self.stats.add(identical_pairs=1)
@@ -238,6 +254,41 @@ class _PreferenceExample:
       example["targets"] = np.asarray([t or 0.0 for t in targets], np.float32)
       example["target_mask"] = np.asarray([t is not None for t in targets], np.float32)
     return example
+
+
+_EXTRA_HINT = ("add it to every record (data.extra_fields / data.extra_responses names it; "
+               "reference log-probs come from the ref_logps task), or remove it from the config")
+
+
+def _extra_response(raw: dict, field: str, like, where: str):
+  """The response in record field `field` (same form as chosen: text or a message list)."""
+  value = raw.get(field)
+  if value is None:
+    raise RecordError(where, field, "missing", _EXTRA_HINT)
+  if isinstance(like, str) != isinstance(value, str):
+    form = "a string" if isinstance(like, str) else "a message list"
+    raise RecordError(where, field, f"expected {form} like the chosen response, got "
+                      f"{type(value).__name__}", "store it in the same form as chosen")
+  return value
+
+
+def _extra_number(raw: dict, field: str, n: int, rows: int, where: str) -> np.ndarray:
+  """Record field `field` as float32: a number -> scalar, a list of n numbers -> [rows]."""
+  value = raw.get(field)
+  if value is None:
+    raise RecordError(where, field, "missing", _EXTRA_HINT)
+  if isinstance(value, list):
+    if len(value) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  for v in value):
+      raise RecordError(where, field, f"expected a number or a list of {n} numbers (one per "
+                        f"response), got {value!r}"[:300], "fix the record")
+    out = np.zeros(rows, np.float32)
+    out[:n] = value
+    return out
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise RecordError(where, field, f"expected a number, got {type(value).__name__}",
+                      "fix the record")
+  return np.float32(value)
 
 
 def _scan_vocabularies(source, fields: Sequence[str]) -> dict[str, tuple[str, ...]]:

@@ -113,7 +113,8 @@ def rank_dpo_weights(z, g, valid):
   gain first (pessimistic), then the lower index. Dc = log2(1 + tau), G = 2^g - 1,
   W_ij = |G_i - G_j| |1/Dc_i - 1/Dc_j|. Shapes: z, g [B,K] float32, valid [B,K] bool.
   """
-  z_BxK, g_BxK = _sg(z), _sg(g)
+  z_BxK, g_BxK = _sg(jnp.asarray(z, _f32)), _sg(jnp.asarray(g, _f32))
+  valid = jnp.asarray(valid, bool)
   zi, zj = z_BxK[:, :, None], z_BxK[:, None, :]
   gi, gj = g_BxK[:, :, None], g_BxK[:, None, :]
   k = z_BxK.shape[1]

@@ -8,7 +8,9 @@ Run from the repository root with the reference venv (torch CPU + transformers +
 Output: third_party/trl_fixtures/dpo_losses.json (deterministic; see README.md).
 
 Nothing here re-implements a loss formula. Every loss value, per-example loss and reward in
-the fixture is read out of TRL's own trainer code, run verbatim on CPU in float64:
+the fixture is read out of TRL's own trainer code, run verbatim on CPU in float64 (two
+exceptions, both TRL's own doing: its alpha-divergence branch fails in float64 and is run in
+float32, and ORPO's odds_ratio_loss casts to float32 itself):
 
   * DPO family   `trl.trainer.dpo_trainer.DPOTrainer._compute_loss`  (every `loss_type`,
                  multi-loss `loss_weights`, `f_divergence_type`, `ld_alpha`, `label_smoothing`,
@@ -193,8 +195,9 @@ class FusedLMStandIn:
   training = True
   is_gradient_checkpointing = False
 
-  def __init__(self, table):
+  def __init__(self, table, dtype=DTYPE):
     self.table = table  # list of (input_ids, per-row token lists)
+    self.dtype = dtype
 
   def __call__(self, *, input_ids, labels, fused_lm_head, **kwargs):
     assert fused_lm_head is True and labels is not None
@@ -204,11 +207,11 @@ class FusedLMStandIn:
     else:
       raise AssertionError("unexpected input_ids")
     mask = labels[:, 1:] != -100
-    out = torch.zeros(mask.shape, dtype=DTYPE)
+    out = torch.zeros(mask.shape, dtype=self.dtype)
     for i, toks in enumerate(rows):
       assert int(mask[i].sum()) == len(toks), (i, int(mask[i].sum()), len(toks))
-      out[i, mask[i]] = torch.tensor(toks, dtype=DTYPE)
-    zeros = torch.zeros(mask.shape, dtype=DTYPE)
+      out[i, mask[i]] = torch.tensor(toks, dtype=self.dtype)
+    zeros = torch.zeros(mask.shape, dtype=self.dtype)
     return types.SimpleNamespace(log_probs=out, entropy=zeros, mean_logits=zeros,
                                  is_top1=torch.zeros(mask.shape, dtype=torch.bool),
                                  log_sum_sq_probs=zeros, aux_loss=None)
@@ -317,10 +320,8 @@ def run_dpo(case, loss_types, loss_weights, settings, dtype):
   lengths = case["nc"] + case["nr"]  # batch is [chosen; rejected]
   input_ids, attention_mask, completion_mask = layout(lengths)
   tok = case["tokens"]
-  policy = FusedLMStandIn([(input_ids, tok["pc"] + tok["pr"])])
-  ref = FusedLMStandIn([(input_ids, tok["qc"] + tok["qr"])])
-  global DTYPE
-  saved, DTYPE = DTYPE, dtype
+  policy = FusedLMStandIn([(input_ids, tok["pc"] + tok["pr"])], dtype)
+  ref = FusedLMStandIn([(input_ids, tok["qc"] + tok["qr"])], dtype)
   trainer_self = types.SimpleNamespace(
       model=policy,
       ref_model=ref,
@@ -344,11 +345,8 @@ def run_dpo(case, loss_types, loss_weights, settings, dtype):
   inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
   names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
            "chosen_rewards", "rejected_rewards", "delta_score")
-  try:
-    with capture_locals(DPOTrainer._compute_loss.__code__, names) as (seen, per_type):
-      loss = DPOTrainer._compute_loss(trainer_self, policy, inputs, return_outputs=False)
-  finally:
-    DTYPE = saved
+  with capture_locals(DPOTrainer._compute_loss.__code__, names) as (seen, per_type):
+    loss = DPOTrainer._compute_loss(trainer_self, policy, inputs, return_outputs=False)
   assert loss.dtype == dtype, loss.dtype
   assert set(per_type) == set(loss_types), (per_type.keys(), loss_types)
   weights = trainer_self.loss_weights
@@ -615,8 +613,7 @@ def run_orpo(case, settings):
   assert seen["losses"].dtype == torch.float32
   return {
       "loss": num(loss),
-      "per_example_loss": {"odds_ratio": [-x for x in lst(seen["losses"])]},
-      "trl_losses": lst(seen["losses"]),
+      "per_example_loss": {"odds_ratio": lst(seen["losses"])},
       "log_odds_ratio_mean": num(seen["log_odds_ratio"]),
       "log_odds_chosen_mean": num(seen["log_odds_chosen"]),
       "nll_loss": nll,
@@ -727,12 +724,12 @@ def main():
           "loss = the scalar TRL returns; per_example_loss[loss_type] = TRL's per-example vector "
           "(DPO: per_sequence_loss; the returned loss is sum_k loss_weights[k] * mean(per_example_loss[k])).",
           "DPO chosen/rejected_rewards = beta * (policy - reference) log-ratios, row order.",
-          "tokens (only for cases in LD_CASES) hold the per-token log-probs the stand-in models returned; "
+          "tokens (stored for the golden and random cases only) hold the per-token log-probs the stand-in models returned; "
           "every other case used the same kind of split, which only matters for ld_alpha.",
           "KTO: per_example_loss is in the case's row order (TRL orders [desirable, undesirable]; trl_order "
           "gives TRL's order); z0 = TRL's clamped KL estimate.",
-          "ORPO: per_example_loss['odds_ratio'] = -beta*logsigmoid(log_odds) (TRL's `losses` negated; "
-          "TRL's loss = nll_loss - mean(trl_losses)); nll_loss is TRL's token-mean over prompt+completion "
+          "ORPO: per_example_loss['odds_ratio'] = TRL's `losses` = beta*logsigmoid(log_odds) (<= 0; "
+          "TRL's loss = nll_loss - mean(losses)); nll_loss is TRL's token-mean over prompt+completion "
           "tokens of the stand-in (prompt tokens have log-prob 0), so only the ratio term is comparable.",
           "cdpo_* results: TRL 1.16's DPOTrainer has no cDPO ('sigmoid' ignores label_smoothing); they are "
           "CPOTrainer.cpo_loss(loss_type='sigmoid', label_smoothing=e) called directly on the log-ratios "
