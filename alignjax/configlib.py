@@ -129,7 +129,12 @@ def sharding_rules_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({k: tuple(v) for k, v in DEFAULT_RULES.items()})
 
 
-_TASK_SECTIONS = {"sft": sft_config}
+def _ref_logps_config():
+  from alignjax.trainers.ref_logps import ref_logps_config
+  return ref_logps_config()
+
+
+_TASK_SECTIONS = {"sft": sft_config, "ref_logps": _ref_logps_config}
 
 
 def base_config(task: str) -> ml_collections.ConfigDict:

@@ -220,6 +220,11 @@ def test_trl_matches_methods_golden(key):
   assert abs(res["loss"] - METHODS_GOLDEN[key]) <= tol * max(1.0, abs(METHODS_GOLDEN[key]))
 
 
+def test_trl_orpo_ratio_term_matches_methods_golden():
+  (res,) = [r for r in RESULTS if (r["case"], r["config"]) == ("golden_simpo", "orpo_b0.1")]
+  assert abs(-np.mean(res["per_example_loss"]["odds_ratio"]) - .04126783) <= 2e-8
+
+
 DPO_LIKE = [r for r in RESULTS if r["trainer"] != "KTOTrainer"]
 
 

@@ -16,6 +16,8 @@ from alignjax.models import reward
 from alignjax.models.transformer import init_model
 from alignjax.trainers import loop, reward_model
 
+from tests import rm_helpers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -63,32 +65,8 @@ def test_listwise_losses_train(tmp_path, name):
   assert len(losses(tmp_path)) == 3 and np.isfinite(summary["loss"])
 
 
-_SINGLE = {"data": 1, "fsdp": 1, "tensor": 1}
-
-
 def assert_sharded_steps_match(c, meshes):
-  """One train step of `c` on a single device and on each mesh in `meshes`: equal loss, grad
-  norm and updated parameters. SGD, so updated parameters differ exactly as the gradients
-  do (Adam's first step, g / (|g| + eps), would amplify float noise in near-zero entries)."""
-  task = reward_model.build_task(c)
-  batch = next(task.train_iter())
-  tx = optax.sgd(1.0)
-  results = []
-  for sizes in (_SINGLE, *meshes):
-    mesh = parallel.make_mesh(sizes, jax.devices()[:1] if sizes == _SINGLE else None)
-    with parallel.use_mesh(mesh):
-      model = task.build_model(mesh, parallel.DEFAULT_RULES)
-      graphdef, params = nnx.split(model)
-      state = loop.init_state(params, tx, mesh, parallel.DEFAULT_RULES, 0)
-      step = jax.jit(loop.make_train_step(graphdef, task.loss_fn, tx, lambda s: 1e-3))
-      state, metrics = step(state, parallel.shard_batch(batch, mesh))
-      results.append((jax.device_get(metrics), jax.device_get(state.params)))
-  (m0, p0), rest = results[0], results[1:]
-  for m, p in rest:
-    np.testing.assert_allclose(m["loss"], m0["loss"], rtol=1e-5)
-    np.testing.assert_allclose(m["grad_norm"], m0["grad_norm"], rtol=1e-5)
-    for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(p0)):
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  rm_helpers.assert_sharded_steps_match(reward_model.build_task(c), meshes)
 
 
 def test_sharded_step_equals_single_device():

@@ -316,7 +316,6 @@ ROW_ORDER_SORTED = {"aot", "aot_unpaired"}  # their per-sequence losses are over
 
 def run_dpo(case, loss_types, loss_weights, settings, dtype):
   """Run DPOTrainer._compute_loss on the case; returns the record fields."""
-  b = case["B"]
   lengths = case["nc"] + case["nr"]  # batch is [chosen; rejected]
   input_ids, attention_mask, completion_mask = layout(lengths)
   tok = case["tokens"]
