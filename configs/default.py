@@ -5,16 +5,19 @@ python -m alignjax.main --config=configs/default.py --workdir=/tmp/alignjax_defa
 Stages (each in <workdir>/<stage>):
   sft                         a tiny transformer learns multi-digit addition from scratch;
                               held-out exact-match accuracy before and after (~0% -> ~100%).
+  dpo                         DPO from the SFT model on pairs (correct sum vs. a near miss);
+                              held-out implicit-reward accuracy (50% -> ~90%; configs/dpo.py).
   reward_model                a reward model learns a hidden preference rule (held-out
                               pairwise accuracy ~50% -> ~90%; see configs/reward_model.py).
   reward_model_length_biased  the same on data where the chosen answer is always longer.
   eval_rm                     both reward models on unbiased held-out pairs: reports, plots,
                               and the length-bias probe, which flags only the biased one.
 
-`:only=sft` (or reward_model / reward_model_length_biased) gives a single stage's config
-(`:only=eval_rm` also needs `--config.eval_rm.checkpoints=...`: `{workdir}` is filled in only
-by the pipeline); `:steps=` and the other arguments size the SFT stage, `:rm_steps=` the
-reward models.
+`:only=sft` (or dpo / reward_model / reward_model_length_biased) gives a single stage's
+config (`:only=eval_rm` and `:only=dpo` also need their `{workdir}` paths set:
+`--config.eval_rm.checkpoints=...`, `--config.model.checkpoint=...`; `{workdir}` is filled
+in only by the pipeline); `:steps=` and the other arguments size the SFT stage,
+`:dpo_steps=` the DPO stage, `:rm_steps=` the reward models.
 """
 
 import os
@@ -52,7 +55,7 @@ def sft_config(steps=1500, digits=2, batch=64, lr=3e-3, preset="tiny"):
 
 def get_config(arg=None):
   args = configlib.parse_arg(arg, only="", steps=1500, digits=2, batch=64, lr=3e-3,
-                             preset="tiny", rm_steps=1200)
+                             preset="tiny", rm_steps=1200, dpo_steps=200)
   sft = sft_config(args.steps, args.digits, args.batch, args.lr, args.preset)
   if args.only == "sft":
     return sft
@@ -63,9 +66,12 @@ def get_config(arg=None):
   rm = configlib.load_config_file(rm_file, f"steps={args.rm_steps},preset={args.preset}")
   biased = configlib.load_config_file(
       rm_file, f"steps={args.rm_steps},preset={args.preset},length_bias=True")
+  dpo = configlib.load_config_file(os.path.join(_HERE, "dpo.py"),
+                                   f"steps={args.dpo_steps},preset={args.preset}")
+  dpo.model.checkpoint = "{workdir}/sft"
   ev = configlib.load_config_file(os.path.join(_HERE, "eval_rm.py"))
   ev.eval_rm.checkpoints = ("{workdir}/reward_model", "{workdir}/reward_model_length_biased")
-  stages = {"sft": sft, "reward_model": rm, "reward_model_length_biased": biased, "eval_rm": ev}
+  stages = {"sft": sft, "dpo": dpo, "reward_model": rm, "reward_model_length_biased": biased, "eval_rm": ev}
   if args.only:
     if args.only not in stages:
       raise ValueError(f"configs/default.py: only={args.only!r}; choose one of {list(stages)}.")

@@ -4,10 +4,12 @@ python -m alignjax.main --config=configs/dpo.py:checkpoint=/tmp/alignjax_default
     --workdir=/tmp/alignjax_dpo
 
 The policy starts from the SFT default's checkpoint (`:checkpoint=<sft workdir>`; empty:
-a random initialisation) and learns the hidden preference rule of the synthetic task
-(prompts are 4 distinct letters; the chosen response contains more of them). Prints the
-held-out implicit-reward accuracy before (50%: policy = reference, ties count 1/2) and
-after. Variants: `:loss=ipo` (any DPO-family name, or several joined by "+", e.g.
+a random initialisation). `:task=arithmetic` (default): pairs of the SFT task's problems,
+chosen = the sum, rejected = a near miss (one digit changed). `:task=letters`: the hidden
+rule of the synthetic preference task (prompts are 4 distinct letters; the chosen response
+contains more of them), best from a random initialisation (the arithmetic SFT model has
+never seen letters). Prints the held-out implicit-reward accuracy before (50%: policy =
+reference, ties count 1/2) and after. Variants: `:loss=ipo` (any DPO-family name, or several joined by "+", e.g.
 `:loss=dpo_sigmoid+rpo`), `:beta=0.1`, `:reference=precomputed` (needs records written by
 the ref_logps task), `:ref_update_steps=100` (dynamic anchor).
 `:hf_path=/path/to/checkpoint` with `--config.data.train_files=...` for real data.
@@ -16,13 +18,16 @@ See docs/dpo.md.
 
 from alignjax import configlib
 from alignjax.data.preference import default_preference_data_config
+from alignjax.data.sft import default_data_config
 from alignjax.trainers.dpo import dpo_config
 
 
 def get_config(arg=None):
-  args = configlib.parse_arg(arg, steps=400, batch=32, lr=1e-3, loss="dpo_sigmoid", beta=-1.0,
-                             reference="live", ref_update_steps=0, checkpoint="", preset="tiny",
-                             hf_path="")
+  args = configlib.parse_arg(arg, task="arithmetic", steps=200, batch=32, lr=1e-3,
+                             loss="dpo_sigmoid", beta=-1.0, reference="live", ref_update_steps=0,
+                             checkpoint="", preset="tiny", hf_path="")
+  if args.task not in ("arithmetic", "letters"):
+    raise ValueError(f"configs/dpo.py: task={args.task!r}; choose arithmetic or letters.")
   c = configlib.base_config("dpo")
   c.model.preset = args.preset
   c.model.hf_path = args.hf_path
@@ -33,12 +38,12 @@ def get_config(arg=None):
   c.dpo.beta = args.beta
   c.dpo.reference = args.reference
   c.dpo.ref_update_steps = args.ref_update_steps
-  c.dpo.true_pref_prob = 0.99   # the synthetic rule is deterministic: alpha ~ 1
+  c.dpo.true_pref_prob = 0.99   # the synthetic rules are deterministic: alpha ~ 1
   c.data = default_preference_data_config()
+  c.data.arithmetic = default_data_config().arithmetic
   if not args.hf_path:
-    c.data.synthetic = "preference"
-    c.data.seq_len = 16
-    c.data.max_responses = 4
+    c.data.synthetic = "arithmetic" if args.task == "arithmetic" else "preference"
+    c.data.seq_len = 12 if args.task == "arithmetic" else 16
   c.data.batch_size = args.batch
   c.optimizer.learning_rate = args.lr
   c.optimizer.warmup_steps = min(20, args.steps // 10)

@@ -1,6 +1,8 @@
 """Built-in synthetic tasks, generated deterministically in memory (nothing to download).
 
-"arithmetic" (SFT): records {"prompt": "12+45=", "completion": "57"}.
+"arithmetic" (SFT): records {"prompt": "12+45=", "completion": "57"}; as pairwise preference
+records {"prompt": "12+45=", "chosen": "57", "rejected": "51"} (one digit of the answer
+changed: a near miss).
 
 "preference" (pairwise, listwise or rated preference records): the prompt is a "word" of distinct
 letters, e.g. "kbqe=", responses are strings of distinct letters, e.g. "xkaeb", and the hidden
@@ -20,7 +22,7 @@ import hashlib
 import numpy as np
 
 # Task name -> the record kinds it can make (the first is its default).
-SYNTHETIC_TASKS = {"arithmetic": ("sft",), "preference": ("pairwise", "listwise", "rated")}
+SYNTHETIC_TASKS = {"arithmetic": ("sft", "pairwise"), "preference": ("pairwise", "listwise", "rated")}
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -46,11 +48,17 @@ class ArithmeticSource:
     ops: string of operators drawn from "+-*".
     num_records: nominal length of the source.
     eval_fraction: fraction of all problems that belong to the eval split.
+    kind: "sft" ({"prompt", "completion"}) or "pairwise" ({"prompt", "chosen": the answer,
+      "rejected": the answer with one digit replaced by another}).
   """
 
   def __init__(self, seed: int = 0, split: str = "train", *, max_digits: int = 2,
-               ops: str = "+", num_records: int = 1_000_000, eval_fraction: float = 0.1):
+               ops: str = "+", num_records: int = 1_000_000, eval_fraction: float = 0.1,
+               kind: str = "sft"):
     _check_split(split, eval_fraction)
+    if kind not in SYNTHETIC_TASKS["arithmetic"]:
+      raise ValueError(f"kind must be one of {SYNTHETIC_TASKS['arithmetic']}, got {kind!r}")
+    self.kind = kind
     bad = set(ops) - set(_OPS)
     if not ops or bad:
       raise ValueError(f"arithmetic ops must be a non-empty string of '+-*', got {ops!r}")
@@ -80,7 +88,15 @@ class ArithmeticSource:
     if not 0 <= i < self.num_records:
       raise IndexError(f"index {i} out of range for {self.num_records} records")
     prompt, answer = self.problem(i)
-    return {"prompt": prompt, "completion": answer}
+    if self.kind == "sft":
+      return {"prompt": prompt, "completion": answer}
+    rng = np.random.default_rng([self.seed, int(i), 1])
+    pos = int(rng.integers(len(answer) - answer.startswith("-")) + answer.startswith("-"))
+    digit = str((int(answer[pos]) + int(rng.integers(1, 10))) % 10)
+    if pos == 0 and digit == "0" and len(answer) > 1:  # no leading zero
+      digit = str(int(rng.integers(1, 10)))
+      digit = digit if digit != answer[0] else str(int(digit) % 9 + 1)
+    return {"prompt": prompt, "chosen": answer, "rejected": answer[:pos] + digit + answer[pos + 1:]}
 
 
 def arithmetic_eval_examples(n: int, seed: int = 0, *, max_digits: int = 2,
@@ -246,5 +262,5 @@ def synthetic_source(name: str, *, seed: int, split: str, kind: str | None = Non
                      f"records; choose another data.synthetic")
   options = dict(options or {})
   if name == "arithmetic":
-    return ArithmeticSource(seed, split, **options)
+    return ArithmeticSource(seed, split, kind=kind, **options)
   return PreferenceSource(seed, split, kind=kind, **options)
