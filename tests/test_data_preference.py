@@ -583,8 +583,12 @@ def test_synthetic_pipeline_and_kinds():
   for (chosen, c), (_, r) in _texts(b, skip_special_tokens=True):
     prompt = chosen[:chosen.index("=") + 1]
     assert data.true_score(prompt, c) > data.true_score(prompt, r)
-  with pytest.raises(ValueError, match="makes sft records, not pairwise"):
-    _iter(_cfg(synthetic="arithmetic"))
+  with pytest.raises(ValueError, match="makes sft/pairwise records, not listwise"):
+    _iter(_cfg(synthetic="arithmetic"), kind="listwise")
+  b = next(_iter(_cfg(synthetic="arithmetic"), batch=8))   # near-miss pairs
+  for (chosen, c), (_, r) in _texts(b, skip_special_tokens=True):
+    a, x = chosen[:chosen.index("=")].split("+")
+    assert c == str(int(a) + int(x)) and r != c and len(r) == len(c)
   sft_cfg = data.default_data_config()
   sft_cfg.synthetic = "preference"
   with pytest.raises(ValueError, match="makes pairwise/listwise/rated records, not sft"):

@@ -110,8 +110,8 @@ def test_sharded_dpo_step_equals_single_device():
 
 
 def test_sharded_kto_and_listwise_steps_equal_single_device():
-  for loss in ("kto", "rank_dpo"):
-    task = dpo.build_task(config(f"steps=2,batch=16,loss={loss}"))
+  for loss, data in (("kto", "arithmetic"), ("rank_dpo", "letters")):
+    task = dpo.build_task(config(f"steps=2,batch=16,loss={loss},task={data}"))
     rm_helpers.assert_sharded_steps_match(task, [{"data": 2, "fsdp": 2, "tensor": 2}],
                                           frozen_fn=_shrink)
 
@@ -139,10 +139,7 @@ def test_label_orientation_and_ties(tmp_path):
 
 def test_precomputed_reference_equals_live(tmp_path):
   c = file_config(tmp_path, "steps=1,batch=8", n=16)
-  ref_cfg = config("steps=1,batch=8")
-  ref_cfg.task = "ref_logps"
-  with ref_cfg.unlocked():
-    ref_cfg.ref_logps = ref_logps.ref_logps_config()
+  ref_cfg = rm_helpers.config_file("ref_logps.py")   # the reference = the policy's init
   ref_cfg.data = c.data
   ref_cfg.ref_logps.batch_size = 5   # not a divisor: the padded last batch
   summary = ref_logps.run(ref_cfg, str(tmp_path / "ref"))
@@ -175,7 +172,8 @@ def test_reference_free_loss_runs_without_a_reference(tmp_path):
 
 @pytest.mark.parametrize("loss", ["dpo_sigmoid+rpo", "kto", "adpo", "ipo"])
 def test_variants_train(tmp_path, loss):
-  summary = dpo.run(config(f"steps=2,batch=8,loss={loss}"), str(tmp_path))
+  data = "letters" if loss == "adpo" else "arithmetic"   # adpo: listwise records
+  summary = dpo.run(config(f"steps=2,batch=8,loss={loss},task={data}"), str(tmp_path))
   assert np.isfinite(summary["loss"]) and np.isfinite(summary["eval_loss"])
   if loss == "dpo_sigmoid+rpo":
     assert "loss_rpo" in summary and "rpo_nll" in summary
@@ -200,6 +198,8 @@ def test_losses_reading_record_fields(tmp_path):
 
 
 def test_config_errors():
+  with pytest.raises(ValueError, match="kto's z0"):
+    dpo.build_task(config("loss=kto,reference=precomputed"))
   with pytest.raises(ValueError, match="not a DPO-family loss"):
     dpo.build_task(config("loss=bt"))
   c = config()

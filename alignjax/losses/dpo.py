@@ -369,8 +369,9 @@ RPO_NLL_NORMS = ("completion", "none")
 def rpo(pc, pr, qc, qr, nc, *, beta=0.1, alpha=1.0, nll_norm="completion", mask=None):
   """RPO: DPO plus an NLL term on the chosen response, l = softplus(-beta D) + alpha nll.
 
-  nll = -pc / nc with `nll_norm="completion"` (TRL; nc clamped to >= 1) or -pc with
-  "none". The paper normalises by |x| + |y| (`recalled - verify`); the prompt length is
+  nll = -pc / nc with `nll_norm="completion"` (METHODS form; nc clamped to >= 1) or -pc
+  with "none". TRL's NLL is a batch token mean, sum(-pc) / sum(nc): equal when all nc are
+  equal, else `nll_norm="none", alpha=alpha * B / sum(nc)`. The paper normalises by |x| + |y| (`recalled - verify`); the prompt length is
   not an input here. *Iterative Reasoning Preference Optimization*; method id `rpo`.
   Shapes: pc, pr, qc, qr, nc, mask [B]. Denominator: valid pairs. Extra metric: `nll`.
   """

@@ -19,7 +19,7 @@ reference, through the shared loop. See docs/dpo.md.
   dynamic anchor of *Learn Your Reference Model for Real Good Alignment*, TR-DPO).
 - Metrics (train and `eval_*`): implicit rewards `reward_chosen`, `reward_rejected` =
   beta (logpi - logpi_ref) (reference-free: beta logpi / n), `margin`, `accuracy` (implicit
-  reward accuracy; ties count 1/2), `logp_chosen`, `logp_rejected` (summed), `ranking_acc`
+  reward accuracy; ties count 1/2; lists: `list_accuracy`, top-1), `logp_chosen`, `logp_rejected` (summed), `ranking_acc`
   and `ranking_acc_norm` (1[logpi(y_w) > logpi(y_l)], summed and per token), and with a true
   preference probability (`dpo.true_pref_prob` or the records' `pref_prob` field via
   data.extra_fields) `idealized_ranking_acc` and `alignment_gap` = IRA - RA
@@ -169,6 +169,9 @@ def check_config(config) -> None:
     if {"rt_c", "rt_r"} & inputs:
       raise ValueError(f"loss {name!r} needs token rewards rt_c/rt_r, which the dpo task does "
                        "not compute yet (see docs/dpo.md); call the kernel directly.")
+  if ref == "precomputed" and any(registry.get(n).kind == "unpaired" for n, _ in selected(config)):
+    raise ValueError("kto's z0 needs reference log-probs of mismatched pairs, which "
+                     "precomputed records do not hold; set config.dpo.reference='live'.")
   if config.dpo.ref_update_steps and ref != "live":
     raise ValueError("config.dpo.ref_update_steps > 0 resets a live reference; set "
                      "config.dpo.reference='live' (or ref_update_steps=0).")
@@ -410,8 +413,8 @@ def _pair_metrics(inputs, w, beta, alpha_const, alpha_B):
 
 
 def _list_metrics(inputs, w, beta):
-  """Top-1 implicit-reward accuracy of lists: the best-scored response has the highest
-  implicit reward (ties split)."""
+  """`list_accuracy`: top-1 implicit-reward accuracy of lists (the best-scored response has
+  the highest implicit reward; ties split); `list_reward_best`: its implicit reward."""
   r = beta * (inputs["l"] - inputs["l_ref"])
   valid = inputs["valid"] > 0
   r = jnp.where(valid, r, -jnp.inf)
@@ -420,7 +423,8 @@ def _list_metrics(inputs, w, beta):
   ahead = jnp.sum((r > r_best[:, None]) & valid, -1)
   tied = jnp.sum((r == r_best[:, None]) & valid, -1)
   top1 = jnp.where(ahead == 0, 1.0 / jnp.maximum(tied, 1), 0.0)
-  return {"accuracy": wsum(w, top1), "reward_best": wsum(w, r_best), "num_lists": jnp.sum(w)}
+  return {"list_accuracy": wsum(w, top1), "list_reward_best": wsum(w, r_best),
+          "num_lists": jnp.sum(w)}
 
 
 # ---------------------------------------------------------------------------- the task
@@ -502,11 +506,13 @@ def build_task(config, tokenizer=None) -> loop.Task:
 def run(config, workdir: str) -> dict:
   """Entry point for `config.task == "dpo"`."""
   summary = loop.train(config, workdir, build_task(config))
-  if jax.process_index() == 0 and "eval_accuracy" in summary:
-    before = summary.get("initial_eval_accuracy")
+  key = "eval_list_accuracy" if data_kind(config) == "listwise" else "eval_accuracy"
+  if jax.process_index() == 0 and key in summary:
+    before = summary.get(f"initial_{key}")
     prefix = f"before {before:.1%}, after " if before is not None else ""
-    print(f"held-out implicit-reward accuracy: {prefix}{summary['eval_accuracy']:.1%}",
-          flush=True)
+    what = "top-1 implicit-reward accuracy of lists" if "list" in key else \
+        "implicit-reward accuracy"
+    print(f"held-out {what}: {prefix}{summary[key]:.1%}", flush=True)
     if "eval_ranking_acc" in summary:
       before = summary.get("initial_eval_ranking_acc")
       prefix = f"before {before:.1%}, after " if before is not None else ""
