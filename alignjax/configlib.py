@@ -119,6 +119,9 @@ def sft_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       eval_examples=0,    # greedy-decoded held-out problems per evaluation (0: none)
       max_new_tokens=0,   # 0: the longest answer + 1
+      loss="nll",         # nll (cross-entropy) | dft | asft (losses/token.py)
+      asft_lam=0.1,       # asft: weight of KL(pi_ref || pi)
+      reference_checkpoint="",  # asft reference: an alignjax run (default: initial policy)
   ))
 
 

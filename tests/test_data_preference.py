@@ -202,7 +202,7 @@ def test_default_config():
                                           num_records=1_000_000, eval_fraction=0.1)
   new = {"context_template", "min_response_tokens", "max_responses", "truncate_lists",
          "attributes", "sources", "users", "subsets", "languages", "preference",
-         "extra_fields", "extra_responses"}
+         "extra_fields", "extra_responses", "contrast_instructions", "contrast_template"}
   assert set(cfg) == set(data.default_data_config()) - {"packing", "arithmetic"} | new
 
 

@@ -212,8 +212,8 @@ def test_config_errors():
     dpo.build_task(c)
   with pytest.raises(ValueError, match="ref_update_steps"):
     dpo.build_task(config("reference=precomputed,ref_update_steps=5"))
-  with pytest.raises(ValueError, match="token rewards"):
-    dpo.build_task(config("loss=t_reg"))
+  with pytest.raises(ValueError, match="per-token"):
+    dpo.build_task(config("loss=t_reg,reference=precomputed"))
 
 
 def test_dynamic_anchor_and_resume(tmp_path):
@@ -256,3 +256,83 @@ def test_mismatched_rows():
     n = p + resp.size
     np.testing.assert_array_equal(batch["kl_tokens"][i, :n], np.concatenate([t[i, :p], resp]))
     assert batch["kl_response_mask"][i].sum() == resp.size
+
+
+@pytest.mark.parametrize("loss", ["dft", "asft"])
+def test_sft_dft_and_asft_match_full_logits(tmp_path, loss):
+  """The sft task's DFT / ASFT objectives equal a float64 computation from full logits; a
+  short run trains."""
+  from alignjax.trainers import sft as sft_trainer
+  c = rm_helpers.config_file("default.py", "only=sft,steps=2,batch=8")
+  c.sft.loss, c.sft.eval_examples = loss, 0
+  c.train.progress_bar, c.train.peak_flops_per_device, c.train.eval_steps = False, 1e9, 1
+  task = sft_trainer.build_task(c)
+  model, frozen, _ = _state(task, frozen_fn=_shrink)
+  assert (frozen is None) == (loss == "dft")
+  batch = next(task.train_iter())
+  args = (model, batch) if frozen is None else (model, batch, frozen)
+  loss_sum, denom, m = jax.device_get(jax.jit(task.loss_fn)(*args))
+  log_softmax = lambda z: z - z.max(-1, keepdims=True) - np.log(
+      np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+  t = batch["tokens"]
+  lp_all = log_softmax(np.asarray(model(t, batch["positions"], batch["segment_ids"]),
+                                  np.float64))[:, :-1]
+  lp = np.take_along_axis(lp_all, t[:, 1:, None], -1)[..., 0]
+  mask = batch["loss_mask"][:, 1:]
+  per_token = -np.exp(lp) * lp
+  if loss == "asft":
+    ref = nnx.merge(nnx.graphdef(model), frozen)
+    lq = log_softmax(np.asarray(ref(t, batch["positions"], batch["segment_ids"]),
+                                np.float64))[:, :-1]
+    per_token = per_token + 0.1 * (np.exp(lq) * (lq - lp_all)).sum(-1)
+  np.testing.assert_allclose(loss_sum / denom, (per_token * mask).sum() / mask.sum(), rtol=1e-5)
+  np.testing.assert_allclose(m["nll"], -(lp * mask).sum(), rtol=1e-5)
+  summary = sft_trainer.run(c, str(tmp_path))
+  assert np.isfinite(summary["loss"])
+
+
+def _naive_token_logps(model, batch):
+  """Per-row response-aligned token log-probs [B, K, L-1] and masks, float64 numpy."""
+  b, k, l = batch["tokens"].shape
+  flat = lambda x: np.asarray(x).reshape(b * k, l)
+  t = flat(batch["tokens"])
+  z = np.asarray(model(t, flat(batch["positions"]), flat(batch["segment_ids"])), np.float64)
+  z = z - z.max(-1, keepdims=True)
+  lp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  picked = np.take_along_axis(lp[:, :-1], t[:, 1:, None], -1)[..., 0]
+  rmask = flat(batch["response_mask"])
+  out, mask = np.zeros((b * k, l)), np.zeros((b * k, l))
+  for r in range(b * k):
+    resp = np.nonzero(rmask[r])[0]
+    out[r, :resp.size] = picked[r, resp - 1]
+    mask[r, :resp.size] = 1
+  return out.reshape(b, k, l), mask.reshape(b, k, l)
+
+
+def test_t_reg_token_rewards_from_contrast_prompts():
+  """t_reg: rows 2-5 are chosen/rejected under the 'better'/'worse' prompts; the loss equals
+  METHODS' formula computed in numpy from full logits (token rewards by the reference)."""
+  c = config("steps=1,batch=4,loss=t_reg")
+  c.data.seq_len = 64   # room for the instructions (else the prompt is cut from the left)
+  task = dpo.build_task(c)
+  assert tuple(c.data.contrast_instructions) == (c.dpo.treg_better, c.dpo.treg_worse)
+  batch = next(task.train_iter())
+  assert batch["tokens"].shape[1] == 6
+  model, frozen, _ = _state(task, frozen_fn=_shrink)
+  loss_sum, denom, m = jax.device_get(jax.jit(task.loss_fn)(model, batch, frozen))
+  lp, mask = _naive_token_logps(model, batch)
+  lq, _ = _naive_token_logps(nnx.merge(nnx.graphdef(model), frozen), batch)
+  beta, alpha = 0.1, 1.0
+  ell = (lp - lq) * mask
+  d = beta * (ell[:, 0].sum(-1) - ell[:, 1].sum(-1))
+  both = mask[:, 2:4] * mask[:, 4:6]
+  rt = (lq[:, 2:4] - lq[:, 4:6]) * both
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  r_c = (mask[:, 0] * 2 * sig(rt[:, 0]) * ell[:, 0]).sum(-1)
+  r_r = (mask[:, 1] * 2 * sig(-rt[:, 1]) * ell[:, 1]).sum(-1)
+  want = np.logaddexp(0, -d) + alpha * np.logaddexp(0, -beta * (r_c - r_r))
+  np.testing.assert_allclose(loss_sum / denom, want.mean(), rtol=1e-4)
+  # The contrast prompt is the instruction, a blank line, then the prompt.
+  from alignjax.data.tokenizer import CharTokenizer
+  text = CharTokenizer().decode(batch["tokens"][0, 2][batch["segment_ids"][0, 2] > 0])
+  assert text.startswith(c.dpo.treg_better + "\n\n") and "=" in text

@@ -21,6 +21,9 @@ global_batch_size // process_count, L = seq_len):
   data.extra_responses (pairwise): more response rows after chosen and rejected, one per
              named record field holding a response (e.g. a reference sample for SELM); the
              example then has K = 2 + len(extra_responses) rows
+  data.contrast_instructions (pairwise): for each instruction, two more rows: chosen and
+             rejected under the prompt rewritten by data.contrast_template (T-REG's
+             "revise better/worse" prompts), after the extra responses
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def default_preference_data_config() -> ml_collections.ConfigDict:
       languages=(),            # vocabulary of "language" (same as subsets)
       extra_fields=(),         # numeric record fields copied into the batch (see above)
       extra_responses=(),      # pairwise: record fields holding extra responses (extra rows)
+      contrast_instructions=(),  # pairwise: rows of chosen/rejected under rewritten prompts
+      contrast_template="{instruction}\n\n{prompt}",  # how an instruction rewrites a prompt
       preference=dict(prompt_len=4, min_len=4, max_len=8, min_gap=1, num_responses=4,
                       length_bias=False, num_records=1_000_000, eval_fraction=0.1),
   ))
@@ -181,8 +186,11 @@ class _PreferenceExample:
     self.truncate_lists = bool(data_cfg.get("truncate_lists", False))
     self.extra_fields = tuple(data_cfg.get("extra_fields", ()))
     self.extra_responses = tuple(data_cfg.get("extra_responses", ())) if kind == "pairwise" else ()
-    self.rows = {"pairwise": 2 + len(self.extra_responses), "listwise": self.max_responses,
-                 "rated": 1}[kind]
+    self.contrasts = tuple(data_cfg.get("contrast_instructions", ())) if kind == "pairwise" \
+        else ()
+    self.contrast_template = data_cfg.get("contrast_template", "{instruction}\n\n{prompt}")
+    self.rows = {"pairwise": 2 + len(self.extra_responses) + 2 * len(self.contrasts),
+                 "listwise": self.max_responses, "rated": 1}[kind]
     self.vocab_ids = {f: {v: i for i, v in enumerate(vocab)} for f, vocab in vocabularies.items()}
 
   def _ids(self, record: dict[str, Any], where: str) -> dict[str, np.ndarray]:
@@ -231,8 +239,19 @@ class _PreferenceExample:
                                           context_template=self.template, names=names)
     example, truncated = preference_rows(
         prompt, responses, seq_len=self.seq_len, pad_id=self.tokenizer.pad_id,
-        num_rows=self.rows, min_response_tokens=self.min_response_tokens,
+        num_rows=self.rows - 2 * len(self.contrasts), min_response_tokens=self.min_response_tokens,
         truncation=self.truncation, where=where)
+    for instruction in self.contrasts:
+      pair = dict(record, responses=record["responses"][:2], prompt=contrast_prompt(
+          record["prompt"], instruction, self.contrast_template))
+      c_prompt, c_responses = encode_preference(pair, self.tokenizer, where,
+                                                context_template=self.template,
+                                                names=names[:2])
+      rows, _ = preference_rows(c_prompt, c_responses, seq_len=self.seq_len,
+                                pad_id=self.tokenizer.pad_id, num_rows=2,
+                                min_response_tokens=self.min_response_tokens,
+                                truncation=self.truncation, where=where)
+      example = {k: np.concatenate([v, rows[k]]) for k, v in example.items()}
     self.stats.add(truncated=int(truncated), truncated_lists=int(n < num_responses))
     example.update(ids, example_mask=np.float32(1.0))
     for field in self.extra_fields:
@@ -254,6 +273,17 @@ class _PreferenceExample:
       example["targets"] = np.asarray([t or 0.0 for t in targets], np.float32)
       example["target_mask"] = np.asarray([t is not None for t in targets], np.float32)
     return example
+
+
+def contrast_prompt(prompt, instruction: str, template: str = "{instruction}\n\n{prompt}"):
+  """`prompt` rewritten with `instruction`: a string through `template`; a message list gets
+  the instruction as (or in front of) its system message."""
+  if isinstance(prompt, str):
+    return template.format(instruction=instruction, prompt=prompt)
+  if prompt and prompt[0].get("role") == "system":
+    first = dict(prompt[0], content=f"{instruction}\n\n{prompt[0]['content']}")
+    return [first] + list(prompt[1:])
+  return [{"role": "system", "content": instruction}] + list(prompt)
 
 
 _EXTRA_HINT = ("add it to every record (data.extra_fields / data.extra_responses names it; "

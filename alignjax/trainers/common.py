@@ -58,3 +58,26 @@ def build_model(config, cfg: ModelConfig, mesh, rules, lm_head: bool = True):
   if mc.hf_path:
     return hf.load_hf_model(mc.hf_path, mesh, rules, lm_head=lm_head, **_overrides(mc))
   return parallel.create_sharded(lambda: init_model(cfg, mc.init_seed, lm_head), mesh, rules)
+
+
+def reference_state(config, policy, mesh, rules, checkpoint_path: str = "", hf_path: str = "",
+                    hf_key: str = "hf_path"):
+  """A frozen reference's state (for Task.build_frozen): loaded from an alignjax run
+  (`checkpoint_path`) or a local HF checkpoint (`hf_path`, named `hf_key` in errors), both of
+  the policy's architecture; else a copy of the policy's current (initial) state. Sharded like
+  the policy."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  state = nnx.state(policy)
+  if checkpoint_path:
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+    return checkpoint.restore_params(checkpoint_path, target)
+  if hf_path:
+    ref_state = nnx.state(hf.load_hf_model(hf_path, mesh, rules, **_overrides(config.model)))
+    if jax.tree.structure(ref_state) != jax.tree.structure(state):
+      raise ValueError(f"{hf_key}={hf_path!r} has a different architecture from the policy; "
+                       "the reference must match it.")
+    return ref_state
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  return jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=shardings)(state)

@@ -45,8 +45,7 @@ from alignjax.losses import ranked as ranked_lib
 from alignjax.losses import registry
 from alignjax.losses.common import wsum
 from alignjax.losses.logprobs import shift_targets, token_logprobs
-from alignjax.models import hf
-from alignjax.trainers import checkpoint, common, loop
+from alignjax.trainers import common, loop
 
 KINDS = ("dpo", "unpaired", "policy_list")
 REFERENCES = ("live", "precomputed", "none")
@@ -83,6 +82,8 @@ def dpo_config(loss="dpo_sigmoid") -> ml_collections.ConfigDict:
       adpo_target="onehot",      # adpo's target q from scores: onehot | softmax | smooth
       adpo_tau_q=1.0,            # softmax target temperature
       adpo_eps=0.1,              # smooth target: (1 - eps) on the best
+      treg_better="revise the response to make it better",  # t_reg contrastive prompts
+      treg_worse="revise the response to make it worse",    # (data.contrast_template)
       true_pref_prob=-1.0,       # alpha for idealized ranking accuracy (< 0: off, unless
                                  # records carry `pref_prob` in data.extra_fields)
   ))
@@ -153,8 +154,15 @@ def prepare_data_config(config) -> None:
       responses.append(RESPONSE_INPUTS[inp])
   if reference_mode(config) == "precomputed":
     fields += [f for f in REF_FIELDS[kind] if f not in fields]
+  contrasts = tuple(dc.contrast_instructions)
+  if {"rt_c", "rt_r"} & wanted and not contrasts:
+    contrasts = (config.dpo.treg_better, config.dpo.treg_worse)
+  if contrasts and len(contrasts) != 2:
+    raise ValueError(f"data.contrast_instructions={contrasts!r}: t_reg needs exactly two, the "
+                     "'better' and the 'worse' instruction.")
   with dc.unlocked():
     dc.extra_fields, dc.extra_responses = tuple(fields), tuple(responses)
+    dc.contrast_instructions = contrasts
 
 
 def check_config(config) -> None:
@@ -166,9 +174,9 @@ def check_config(config) -> None:
       raise ValueError(f"loss {name!r} needs per-token or sampled reference log-probs "
                        f"({sorted(inputs & {'tq_c', 'tq_r', 'y0_ratio'})}); precomputed "
                        "records hold only sums: set config.dpo.reference='live'.")
-    if {"rt_c", "rt_r"} & inputs:
-      raise ValueError(f"loss {name!r} needs token rewards rt_c/rt_r, which the dpo task does "
-                       "not compute yet (see docs/dpo.md); call the kernel directly.")
+    if {"rt_c", "rt_r"} & inputs and ref != "live":
+      raise ValueError(f"loss {name!r} computes token rewards with the live reference; set "
+                       "config.dpo.reference='live'.")
   if ref == "precomputed" and any(registry.get(n).kind == "unpaired" for n, _ in selected(config)):
     raise ValueError("kto's z0 needs reference log-probs of mismatched pairs, which "
                      "precomputed records do not hold; set config.dpo.reference='live'.")
@@ -230,6 +238,16 @@ def mismatched_rows(batch: dict) -> dict:
 # ---------------------------------------------------------------------------- the loss
 
 
+def _align(x_BxKxL, response_mask_BxKxL):
+  """Shifted token arrays [B, K, L] moved to response coordinates: out[..., j] = x[..., s - 1
+  + j], s = the row's first response position (x[t] scores token t + 1); 0 past the end."""
+  length = x_BxKxL.shape[-1]
+  start = jnp.argmax(response_mask_BxKxL > 0, axis=-1)[..., None]
+  idx = start - 1 + jnp.arange(length)
+  ok = (idx >= 0) & (idx < length)
+  return jnp.where(ok, jnp.take_along_axis(x_BxKxL, jnp.clip(idx, 0, length - 1), -1), 0.0)
+
+
 def _orient(x_Bx2, flip_B):
   """Swaps rows 0 and 1 of [B, 2, ...] where flip_B (records labelled -1: rejected better)."""
   f = flip_B.reshape(flip_B.shape + (1,) * (x_Bx2.ndim - 1))
@@ -287,6 +305,7 @@ def make_loss_fn(config):
   alpha_field = "pref_prob" in tuple(config.data.extra_fields)
   need_kl = any(registry.get(n).kind == "unpaired" for n, _ in losses)
   extra_rows = tuple(config.data.extra_responses)
+  contrast_rows = bool(tuple(config.data.get("contrast_instructions", ())))
   logps = functools.partial(sequence_logps, chunk_size=chunk, vocab_chunk_size=vchunk)
 
   def reference_model(model, frozen):
@@ -310,6 +329,10 @@ def make_loss_fn(config):
     else:
       tq = q = None
     o = lambda x: None if x is None else _orient(x[:, :2], flip)
+    # Token arrays in response coordinates (index 0 = first response token), so rows with
+    # different prompts (T-REG's contrast rows) line up.
+    tlp, tmask = _align(tlp, batch["response_mask"]), _align(tmask, batch["response_mask"])
+    tq = None if tq is None else _align(tq, batch["response_mask"])
     P, N, TLP, TM, Q, TQ = o(p), o(n), o(tlp), o(tmask), o(q), o(tq)
     inputs = {"pc": P[:, 0], "pr": P[:, 1], "nc": N[:, 0], "nr": N[:, 1],
               "tlp_c": TLP[:, 0], "tlp_r": TLP[:, 1], "tmask_c": TM[:, 0], "tmask_r": TM[:, 1]}
@@ -325,6 +348,14 @@ def make_loss_fn(config):
     if RESPONSE_INPUTS["y0_ratio"] in extra_rows and q is not None:
       y0 = 2 + extra_rows.index(RESPONSE_INPUTS["y0_ratio"])
       inputs["y0_ratio"] = p[:, y0] - q[:, y0]
+    if contrast_rows:
+      # T-REG token rewards rt = log pi(y_t | x_better) - log pi(y_t | x_worse), by the
+      # frozen reference (the initial model: "offline"), per response.
+      base = 2 + len(extra_rows)
+      src = tq if tq is not None else jax.lax.stop_gradient(tlp)
+      both = tmask[:, base:base + 2] * tmask[:, base + 2:base + 4]
+      rt = _orient((src[:, base:base + 2] - src[:, base + 2:base + 4]) * both, flip)
+      inputs.update(rt_c=rt[:, 0], rt_r=rt[:, 1])
     if need_kl:
       kl_batch = {k[3:]: v for k, v in batch.items() if k.startswith("kl_")}
       _, kl_mask, pk = logps(model, kl_batch)
@@ -433,22 +464,8 @@ def _list_metrics(inputs, w, beta):
 def build_reference_state(config, cfg, policy, mesh, rules):
   """The frozen reference's state: a copy of the initial policy, or loaded from
   `dpo.reference_checkpoint` / `dpo.reference_hf_path` (same architecture)."""
-  dc = config.dpo
-  graphdef, state = nnx.split(policy)
-  if dc.reference_checkpoint:
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          state)
-    return checkpoint.restore_params(dc.reference_checkpoint, target)
-  if dc.reference_hf_path:
-    ref = hf.load_hf_model(dc.reference_hf_path, mesh, rules, dtype=config.model.dtype,
-                           param_dtype=config.model.param_dtype, remat=config.model.remat)
-    ref_state = nnx.state(ref)
-    if jax.tree.structure(ref_state) != jax.tree.structure(state):
-      raise ValueError(f"config.dpo.reference_hf_path={dc.reference_hf_path!r} has a "
-                       "different architecture from the policy; the reference must match.")
-    return ref_state
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  return jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=shardings)(state)
+  return common.reference_state(config, policy, mesh, rules, config.dpo.reference_checkpoint,
+                                config.dpo.reference_hf_path, "config.dpo.reference_hf_path")
 
 
 def make_update_frozen(config):
@@ -483,7 +500,8 @@ def build_task(config, tokenizer=None) -> loop.Task:
       ds = ds.map(lambda batch: {**batch, **mismatched_rows(batch)})
     return iter(ds)
 
-  rows = {"pairwise": 2 + len(dc.extra_responses), "listwise": dc.max_responses}[kind]
+  rows = {"pairwise": 2 + len(dc.extra_responses) + 2 * len(dc.contrast_instructions),
+          "listwise": dc.max_responses}[kind]
   passes = (2 if ref_mode == "live" else 1) * rows + (2 if need_kl else 0)
   has_eval = bool(dc.eval_files or dc.synthetic)
   return loop.Task(

@@ -1,29 +1,55 @@
-"""Supervised fine-tuning (task `sft`): next-token NLL on completion tokens."""
+"""Supervised fine-tuning (task `sft`): next-token NLL on completion tokens, or the
+probability-weighted DFT / anchored ASFT objectives (`sft.loss`, losses/token.py)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from absl import logging
+from flax import nnx
 
 from alignjax.data import sft as sft_data
 from alignjax.data import synthetic
-from alignjax.losses.logprobs import shift_targets, token_logprobs
+from alignjax.losses import token as token_losses
+from alignjax.losses.logprobs import shift_targets, token_kl, token_logprobs
 from alignjax.losses.sft import sft_cross_entropy
 from alignjax.sampling import greedy_generate
 from alignjax.trainers import common, loop
 
 
-def make_loss_fn(chunk_size: int):
-  """loss_fn(model, batch) for the loop: sums of NLL and entropy over completion tokens."""
+SFT_LOSSES = ("nll", "dft", "asft")
 
-  def loss_fn(model, batch):
+
+def make_loss_fn(chunk_size: int, loss: str = "nll", asft_lam: float = 0.1):
+  """loss_fn(model, batch[, frozen]) for the loop: sums over completion tokens of the NLL
+  (`loss="nll"`), DFT's -sg(p) log p, or ASFT's DFT + lam KL(pi_ref || pi) (the reference's
+  state is the loop's `frozen`); metrics: entropy, nll (and kl) sums, num_tokens.
+  *On the Generalization of SFT: A Reinforcement Learning Perspective with Reward
+  Rectification* (`dft`); *Anchored Supervised Fine-Tuning* (`asft`)."""
+  if loss not in SFT_LOSSES:
+    raise ValueError(f"config.sft.loss={loss!r}; expected one of {SFT_LOSSES}.")
+
+  def loss_fn(model, batch, frozen=None):
     h = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
     targets, mask = shift_targets(batch["tokens"], batch["loss_mask"])
-    logp, entropy = token_logprobs(h, model.unembedding(), targets, chunk_size=chunk_size,
-                                   with_entropy=True)
-    loss_sum, denom, metrics = sft_cross_entropy(logp, mask)
-    metrics = {"num_tokens": metrics["num_tokens"], "entropy": jnp.sum(entropy * mask)}
+    w = model.unembedding()
+    logp, entropy = token_logprobs(h, w, targets, chunk_size=chunk_size, with_entropy=True)
+    nll_sum, denom, _ = sft_cross_entropy(logp, mask)
+    metrics = {"num_tokens": denom, "entropy": jnp.sum(entropy * mask)}
+    if loss == "nll":
+      return nll_sum, denom, metrics
+    metrics["nll"] = jax.lax.stop_gradient(nll_sum)
+    if loss == "dft":
+      loss_sum, denom, extra = token_losses.dft(logp, mask)
+    else:
+      ref = nnx.merge(nnx.graphdef(model), frozen)
+      h_ref = jax.lax.stop_gradient(
+          ref.hidden(batch["tokens"], batch["positions"], batch["segment_ids"]))
+      kl = token_kl(h, w, h_ref, jax.lax.stop_gradient(ref.unembedding()),
+                    chunk_size=chunk_size)
+      loss_sum, denom, extra = token_losses.asft(logp, kl, mask, lam=asft_lam)
+      metrics["kl"] = jax.lax.stop_gradient(jnp.sum(kl * mask))
+    metrics.update({k: v for k, v in extra.items() if k not in metrics})
     return loss_sum, denom, metrics
 
   return loss_fn
@@ -45,6 +71,7 @@ def build_task(config, tokenizer=None) -> loop.Task:
   tokenizer = tokenizer or common.build_tokenizer(config)
   cfg = common.model_config(config, tokenizer.vocab_size)
   dc, seq_len, batch = config.data, config.data.seq_len, config.data.batch_size
+  sft_cfg = config.sft
   logging.info("model: %s (%.2fM parameters)", cfg, cfg.num_params() / 1e6)
 
   def iterator(split, seed):
@@ -65,12 +92,16 @@ def build_task(config, tokenizer=None) -> loop.Task:
 
   return loop.Task(
       build_model=lambda mesh, rules: common.build_model(config, cfg, mesh, rules),
-      loss_fn=make_loss_fn(config.train.logprob_chunk_size),
+      loss_fn=make_loss_fn(config.train.logprob_chunk_size, sft_cfg.get("loss", "nll"),
+                           float(sft_cfg.get("asft_lam", 0.1))),
       train_iter=lambda: iterator("train", config.seed),
       eval_iter=(lambda: iterator("eval", config.seed)) if has_eval else None,
       evaluate=evaluate,
       flops_per_token=cfg.flops_per_token(seq_len),
       tokens_per_batch=batch * seq_len,
+      build_frozen=(lambda model, mesh, rules: common.reference_state(
+          config, model, mesh, rules, sft_cfg.get("reference_checkpoint", "")))
+      if sft_cfg.get("loss", "nll") == "asft" else None,
   )
 
 
