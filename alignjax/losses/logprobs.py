@@ -306,6 +306,20 @@ def _kl_fwd(vc, nv, hps, wp, hqs, wq, inv_temp):
   return kl, (tuple(a.value for a in args), kl, lse_p, lse_q, flags)
 
 
+def _side_grads(dz, a, block, h_c, dh, dw, dt, inv_temp, need_h, need_w, need_t, nv):
+  """Adds one side's logit cotangent dz [B,C,Vc] to dh, dW and the temperature gradient."""
+  f32 = jnp.float32
+  if need_t:
+    dt = dt + jnp.sum(dz * a)
+  da = dz * inv_temp
+  if need_h:
+    dh = dh + jnp.einsum("bcv,dv->bcd", da, block.w, preferred_element_type=f32)
+  if need_w:
+    dw = _add_dw(dw, block.start, jnp.einsum("bcd,bcv->dv", h_c, da,
+                                             preferred_element_type=f32), nv)
+  return dh, dw, dt
+
+
 def _kl_bwd(vc, nv, res, g):
   (hps, wp, hqs, wq, inv_temp), kl, lse_p, lse_q, flags = res
   need_hp, need_wp, need_hq, need_wq, need_t = (f is not None for f in flags)
@@ -326,25 +340,13 @@ def _kl_bwd(vc, nv, res, g):
       logp, logq = zp - lsep_c[..., None], zq - lseq_c[..., None]
       p, q = jnp.exp(logp), jnp.exp(logq)
       dzp = g_c[..., None] * (p - q)  # d KL / d zp = p - q
-      if need_t:
-        dt = dt + jnp.sum(dzp * ap)
-      dap = dzp * inv_temp
-      if need_hp:
-        dhp = dhp + jnp.einsum("bcv,dv->bcd", dap, bp.w, preferred_element_type=f32)
-      if need_wp:
-        dwp = _add_dw(dwp, bp.start, jnp.einsum("bcd,bcv->dv", hp_c, dap,
-                                                preferred_element_type=f32), nv)
+      dhp, dwp, dt = _side_grads(dzp, ap, bp, hp_c, dhp, dwp, dt, inv_temp, need_hp, need_wp,
+                                 need_t, nv)
       if need_q or need_t:
         # d KL / d zq = q (log q - log p - KL)
         dzq = g_c[..., None] * q * bq.finite(logq - logp - kl_c[..., None])
-        if need_t:
-          dt = dt + jnp.sum(dzq * aq)
-        daq = dzq * inv_temp
-        if need_hq:
-          dhq = dhq + jnp.einsum("bcv,dv->bcd", daq, bq.w, preferred_element_type=f32)
-        if need_wq:
-          dwq = _add_dw(dwq, bq.start, jnp.einsum("bcd,bcv->dv", hq_c, daq,
-                                                  preferred_element_type=f32), nv)
+        dhq, dwq, dt = _side_grads(dzq, aq, bq, hq_c, dhq, dwq, dt, inv_temp, need_hq, need_wq,
+                                   need_t, nv)
       return (dhp, dhq, dwp, dwq, dt), None
 
     dhp0 = jnp.zeros(hp_c.shape, f32) if need_hp else None
