@@ -202,7 +202,9 @@ def test_default_config():
                                           num_records=1_000_000, eval_fraction=0.1)
   new = {"context_template", "min_response_tokens", "max_responses", "truncate_lists",
          "attributes", "sources", "users", "subsets", "languages", "preference",
-         "extra_fields", "extra_responses", "contrast_instructions", "contrast_template"}
+         "extra_fields", "extra_responses", "contrast_instructions", "contrast_template",
+         "pairs_from_list", "pairs_min_gap", "pairs_max", "reward_augmented",
+         "reward_augmented_template"}
   assert set(cfg) == set(data.default_data_config()) - {"packing", "arithmetic"} | new
 
 
@@ -602,3 +604,28 @@ def test_synthetic_pipeline_and_kinds():
     c = _cfg(synthetic="preference")
     c.packing = True
     _iter(c)
+
+
+def test_pairs_from_list_and_reward_augmented_in_the_pipeline(tmp_path):
+  """Listwise records become best/worst pairs (ties give none); reward_augmented then adds
+  the score-conditioned reverse pair."""
+  lists = [{"prompt": "ab=", "responses": ["x", "ab", "a"], "scores": [0, 2, 1]},
+           {"prompt": "cd=", "responses": ["c", "d"], "scores": [1, 1]},       # tie: no pair
+           {"prompt": "ef=", "responses": ["e", "f", "ef"], "scores": [1, 0, 2]}]
+  f = _write_jsonl(tmp_path / "lists.jsonl", lists)
+  cfg = _cfg(train_files=f, shuffle=False, pairs_from_list="best_worst")
+  it = _iter(cfg, batch=2, num_epochs=1)
+  texts = [t for b in it for t in _texts(b, skip_special_tokens=True)][:2]
+  assert [(c, r) for (c, _), (r, _) in texts] == [("ab=ab", "ab=x"), ("ef=ef", "ef=f")]
+  assert it.stats.empty_lists == 1 and it.stats.examples == 2
+  cfg = _cfg(train_files=f, shuffle=False, pairs_from_list="all_pairs", reward_augmented=True)
+  it = _iter(cfg, batch=2, num_epochs=1, seq_len=32)
+  pairs = [(c, r) for b in it for (c, _), (r, _) in _texts(b, skip_special_tokens=True)
+           if c]
+  # 3 + 3 ordered pairs, each giving 2 conditioned pairs.
+  assert len(pairs) == 12 and it.stats.examples == 12
+  assert ("target score: 2\nab=ab", "target score: 2\nab=x") in pairs
+  assert ("target score: 0\nab=x", "target score: 0\nab=ab") in pairs
+  assert ("target score: 1\nab=a", "target score: 1\nab=ab") in pairs
+  with pytest.raises(ValueError, match="pairwise batches"):
+    _iter(_cfg(train_files=f, pairs_from_list="best_worst"), kind="listwise")

@@ -336,3 +336,16 @@ def test_t_reg_token_rewards_from_contrast_prompts():
   from alignjax.data.tokenizer import CharTokenizer
   text = CharTokenizer().decode(batch["tokens"][0, 2][batch["segment_ids"][0, 2] > 0])
   assert text.startswith(c.dpo.treg_better + "\n\n") and "=" in text
+
+
+def test_pairs_from_list_feed_score_based_losses(tmp_path):
+  """data.pairs_from_list turns the synthetic lists into best/worst pairs whose scores feed
+  dpo_dynamic_beta (score_chosen / score_rejected written by the transform)."""
+  c = config("steps=2,batch=8,task=letters,loss=dpo_dynamic_beta")
+  c.data.pairs_from_list = "best_worst"
+  task = dpo.build_task(c)
+  batch = next(task.train_iter())
+  assert batch["tokens"].shape[1] == 2
+  assert np.all(batch["score_chosen"] > batch["score_rejected"])
+  summary = dpo.run(c, str(tmp_path))
+  assert np.isfinite(summary["loss"]) and 0 < summary["beta"]

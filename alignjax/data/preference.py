@@ -66,6 +66,12 @@ def default_preference_data_config() -> ml_collections.ConfigDict:
       languages=(),            # vocabulary of "language" (same as subsets)
       extra_fields=(),         # numeric record fields copied into the batch (see above)
       extra_responses=(),      # pairwise: record fields holding extra responses (extra rows)
+      pairs_from_list="",      # pairwise from listwise records: best_worst | all_pairs |
+                               # best_vs_random ("": off; data/transforms.py)
+      pairs_min_gap=0.0,       # pairs_from_list: keep pairs with score gap > this
+      pairs_max=0,             # pairs_from_list: pairs per list (0: no cap)
+      reward_augmented=False,  # pairs -> two score-conditioned pairs (data/transforms.py)
+      reward_augmented_template="target score: {score}",
       contrast_instructions=(),  # pairwise: rows of chosen/rejected under rewritten prompts
       contrast_template="{instruction}\n\n{prompt}",  # how an instruction rewrites a prompt
       preference=dict(prompt_len=4, min_len=4, max_len=8, min_gap=1, num_responses=4,
@@ -83,6 +89,7 @@ class PreferenceStats(sft_lib.Counters):
   skipped_malformed: int = 0  # records skipped with data.skip_malformed=True
   identical_pairs: int = 0    # pairwise records whose chosen equals rejected (kept)
   truncated_lists: int = 0    # listwise records cut to data.max_responses (truncate_lists)
+  empty_lists: int = 0        # records that gave no pair (data.pairs_from_list)
 
 
 def _response_names(kind: str, n: int) -> list[str]:
@@ -321,6 +328,76 @@ def _extra_number(raw: dict, field: str, n: int, rows: int, where: str) -> np.nd
   return np.float32(value)
 
 
+class _ExpandRecords(grain.experimental.FlatMapTransform):
+  """Record index -> [(where, record), ...] after the record-level transforms of the data
+  config (pairs_from_list, reward_augmented); a malformed record raises a RecordError, or is
+  skipped and counted with data.skip_malformed."""
+
+  def __init__(self, source, fns, max_fan_out: int, skip_malformed: bool, stats):
+    self.source, self.fns, self.max_fan_out = source, fns, max_fan_out
+    self.skip_malformed, self.stats = skip_malformed, stats
+
+  def flat_map(self, index):
+    where = self.source.where(index)
+    try:
+      records = [self.source[index]]
+      for fn in self.fns:
+        records = [out for r in records for out in fn(r, index=index)]
+    except RecordError:
+      if not self.skip_malformed:
+        raise
+      self.stats.add(skipped_malformed=1)
+      return []
+    self.stats.add(empty_lists=int(not records))
+    return [(where if len(records) == 1 else f"{where} (pair {k})", r)
+            for k, r in enumerate(records)]
+
+
+class _BuildExpanded:
+  """(where, record) -> example, or None (an empty slot, or a skipped malformed record)."""
+
+  def __init__(self, build, skip_malformed: bool, stats):
+    self.build, self.skip_malformed, self.stats = build, skip_malformed, stats
+
+  def __call__(self, item):
+    if item is None:
+      return None
+    where, record = item
+    try:
+      example = self.build(record, where)
+    except RecordError:
+      if not self.skip_malformed:
+        raise
+      self.stats.add(skipped_malformed=1)
+      return None
+    self.stats.add(examples=1)
+    return example
+
+
+def record_transforms(data_cfg, kind: str) -> tuple[list, int, str]:
+  """(record functions, max fan-out, record kind to read) for data.pairs_from_list and
+  data.reward_augmented (pairwise batches only)."""
+  from alignjax.data import transforms  # noqa: PLC0415 (transforms imports this module's deps)
+  mode = data_cfg.get("pairs_from_list", "")
+  augment = bool(data_cfg.get("reward_augmented", False))
+  if (mode or augment) and kind != "pairwise":
+    raise ValueError("data.pairs_from_list / data.reward_augmented make pairwise batches; the "
+                     f"task asked for {kind} batches.")
+  fns, fan_out = [], 1
+  if mode:
+    cap = int(data_cfg.get("pairs_max", 0)) or None
+    fn = transforms.PairsFromList(mode=mode, min_gap=float(data_cfg.get("pairs_min_gap", 0.0)),
+                                  max_pairs=cap, max_responses=int(data_cfg.get(
+                                      "max_responses", 4)))
+    fns.append(lambda r, index, fn=fn: transforms.pairs_from_list(r, index=index, **fn.kwargs))
+    fan_out *= fn.max_fan_out
+  if augment:
+    template = data_cfg.get("reward_augmented_template", "target score: {score}")
+    fns.append(lambda r, index: transforms.reward_augmented(r, template=template, index=index))
+    fan_out *= 2
+  return fns, fan_out, "listwise" if mode else kind
+
+
 def _scan_vocabularies(source, fields: Sequence[str]) -> dict[str, tuple[str, ...]]:
   """Sorted distinct string values of `fields` over all records ("" where a record lacks one);
   a field no record has gets ()."""
@@ -378,7 +455,8 @@ def make_preference_dataset(data_cfg, tokenizer, *, kind: str, seq_len: int,
   process_index, process_count, per_host = sft_lib.host_batch_size(
       global_batch_size, process_index, process_count)
   _check_config(data_cfg, kind, seq_len)
-  source = sft_lib.open_records(data_cfg, split=split, seed=seed, kind=kind)
+  fns, fan_out, read_kind = record_transforms(data_cfg, kind)
+  source = sft_lib.open_records(data_cfg, split=split, seed=seed, kind=read_kind)
   if len(source) == 0:
     raise ValueError(f"the {split} data has no records")
   vocabularies = {f: tuple(data_cfg.get(cfg_key, ())) for f, (cfg_key, _) in VOCAB_FIELDS.items()}
@@ -392,8 +470,12 @@ def make_preference_dataset(data_cfg, tokenizer, *, kind: str, seq_len: int,
                             process_count=process_count)
   build = _PreferenceExample(data_cfg, tokenizer, kind=kind, seq_len=seq_len,
                              vocabularies=vocabularies, stats=stats)
-  ds = ds.map(sft_lib.RecordMap(source, build, stats=stats,
-                                skip_malformed=bool(data_cfg.get("skip_malformed", False))))
+  skip = bool(data_cfg.get("skip_malformed", False))
+  if fns:
+    ds = ds.apply(_ExpandRecords(source, fns, fan_out, skip, stats))
+    ds = ds.map(_BuildExpanded(build, skip, stats))
+  else:
+    ds = ds.map(sft_lib.RecordMap(source, build, stats=stats, skip_malformed=skip))
   it_ds = ds.to_iter_dataset(sft_lib.READ_OPTIONS).filter(sft_lib.not_none)
   batches = sft_lib.batch_examples(it_ds, per_host, num_epochs=num_epochs,
                                    pad_id=tokenizer.pad_id)
