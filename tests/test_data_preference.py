@@ -204,7 +204,7 @@ def test_default_config():
          "attributes", "sources", "users", "subsets", "languages", "preference",
          "extra_fields", "extra_responses", "contrast_instructions", "contrast_template",
          "pairs_from_list", "pairs_min_gap", "pairs_max", "reward_augmented",
-         "reward_augmented_template"}
+         "reward_augmented_template", "strength_filter", "strength_tau"}
   assert set(cfg) == set(data.default_data_config()) - {"packing", "arithmetic"} | new
 
 
@@ -629,3 +629,18 @@ def test_pairs_from_list_and_reward_augmented_in_the_pipeline(tmp_path):
   assert ("target score: 1\nab=a", "target score: 1\nab=ab") in pairs
   with pytest.raises(ValueError, match="pairwise batches"):
     _iter(_cfg(train_files=f, pairs_from_list="best_worst"), kind="listwise")
+
+
+def test_strength_filter_in_the_pipeline(tmp_path):
+  """data.strength_filter keeps the pairs whose pref_strength margin passes the threshold."""
+  rows = [dict(r, margin=m, margin_std=0.5) for r, m in zip(_pairs(4), [1.0, -0.2, 0.3, 2.0])]
+  f = _write_jsonl(tmp_path / "s.jsonl", rows)
+  it = _iter(_cfg(train_files=f, shuffle=False, strength_filter="threshold", strength_tau=0.5),
+             batch=2, num_epochs=1)
+  kept = [b["margin"][b["example_mask"] > 0] for b in it]
+  np.testing.assert_allclose(np.concatenate(kept), [1.0, 2.0])
+  assert it.stats.empty_lists == 2
+  it = _iter(_cfg(train_files=f, shuffle=False, strength_filter="snr", strength_tau=0.5),
+             batch=2, num_epochs=1)
+  np.testing.assert_allclose(np.concatenate([b["margin"][b["example_mask"] > 0] for b in it]),
+                             [1.0, 0.3, 2.0])

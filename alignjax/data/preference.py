@@ -72,6 +72,8 @@ def default_preference_data_config() -> ml_collections.ConfigDict:
       pairs_max=0,             # pairs_from_list: pairs per list (0: no cap)
       reward_augmented=False,  # pairs -> two score-conditioned pairs (data/transforms.py)
       reward_augmented_template="target score: {score}",
+      strength_filter="",      # keep pairs by pref_strength's margin: threshold | snr ("": off)
+      strength_tau=0.0,        # ... keep mu >= tau (threshold) or mu / sigma >= tau (snr)
       contrast_instructions=(),  # pairwise: rows of chosen/rejected under rewritten prompts
       contrast_template="{instruction}\n\n{prompt}",  # how an instruction rewrites a prompt
       preference=dict(prompt_len=4, min_len=4, max_len=8, min_gap=1, num_responses=4,
@@ -89,7 +91,7 @@ class PreferenceStats(sft_lib.Counters):
   skipped_malformed: int = 0  # records skipped with data.skip_malformed=True
   identical_pairs: int = 0    # pairwise records whose chosen equals rejected (kept)
   truncated_lists: int = 0    # listwise records cut to data.max_responses (truncate_lists)
-  empty_lists: int = 0        # records that gave no pair (data.pairs_from_list)
+  empty_lists: int = 0        # records that gave no pair (pairs_from_list, strength_filter)
 
 
 def _response_names(kind: str, n: int) -> list[str]:
@@ -348,7 +350,7 @@ class _ExpandRecords(grain.experimental.FlatMapTransform):
         raise
       self.stats.add(skipped_malformed=1)
       return []
-    self.stats.add(empty_lists=int(not records))
+    self.stats.add(empty_lists=int(not records))  # no pair, or filtered out
     return [(where if len(records) == 1 else f"{where} (pair {k})", r)
             for k, r in enumerate(records)]
 
@@ -375,14 +377,18 @@ class _BuildExpanded:
 
 
 def record_transforms(data_cfg, kind: str) -> tuple[list, int, str]:
-  """(record functions, max fan-out, record kind to read) for data.pairs_from_list and
-  data.reward_augmented (pairwise batches only)."""
+  """(record functions, max fan-out, record kind to read) for data.pairs_from_list,
+  data.reward_augmented and data.strength_filter (pairwise batches only), in that order."""
   from alignjax.data import transforms  # noqa: PLC0415 (transforms imports this module's deps)
   mode = data_cfg.get("pairs_from_list", "")
   augment = bool(data_cfg.get("reward_augmented", False))
   if (mode or augment) and kind != "pairwise":
     raise ValueError("data.pairs_from_list / data.reward_augmented make pairwise batches; the "
                      f"task asked for {kind} batches.")
+  strength = data_cfg.get("strength_filter", "")
+  if strength and kind != "pairwise":
+    raise ValueError("data.strength_filter keeps or drops pairs; the task asked for "
+                     f"{kind} batches.")
   fns, fan_out = [], 1
   if mode:
     cap = int(data_cfg.get("pairs_max", 0)) or None
@@ -395,6 +401,10 @@ def record_transforms(data_cfg, kind: str) -> tuple[list, int, str]:
     template = data_cfg.get("reward_augmented_template", "target score: {score}")
     fns.append(lambda r, index: transforms.reward_augmented(r, template=template, index=index))
     fan_out *= 2
+  if strength:
+    tau = float(data_cfg.get("strength_tau", 0.0))
+    fns.append(lambda r, index: [r] if transforms.strength_keep(
+        r, tau_keep=tau, mode=strength, index=index) else [])
   return fns, fan_out, "listwise" if mode else kind
 
 
