@@ -100,6 +100,13 @@ def test_loss_fn_matches_a_naive_computation():
   ira = np.sum(q[:, 0] - q[:, 1] + np.log(99) / beta > 0)
   np.testing.assert_allclose(m["idealized_ranking_acc"], ira)
   np.testing.assert_allclose(m["alignment_gap"], ira - np.sum(p[:, 0] > p[:, 1]))
+  # The evaluation module's numpy functions give the same rates.
+  from alignjax.evaluation import metrics as ev
+  ra = ev.ranking_acc(p[:, 0], p[:, 1], n[:, 0], n[:, 1])
+  assert ra["accuracy"] == m["ranking_acc"] / 8 and ra["accuracy_norm"] == m["ranking_acc_norm"] / 8
+  gap = ev.alignment_gap(p[:, 0], p[:, 1], q[:, 0], q[:, 1], 0.99, beta=beta)
+  np.testing.assert_allclose(gap["gap"], m["alignment_gap"] / 8)
+  np.testing.assert_allclose(gap["idealized_ranking_acc"], ira / 8)
 
 
 def test_sharded_dpo_step_equals_single_device():

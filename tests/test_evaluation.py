@@ -376,3 +376,22 @@ def test_compare_report(tmp_path):
   for label, r in runs:
     assert label in md and f"{r['pairwise']['accuracy']:.3f}" in md
   assert os.path.getsize(paths["plot"]) > 1000
+
+
+def test_ranking_accuracy_idealized_and_gap():
+  """METHODS 6.10 on hand-made numbers: RA, its per-token form, IRA and the gap."""
+  lp_w, lp_l = np.array([-10.0, -20.0, -5.0, -8.0]), np.array([-12.0, -15.0, -5.0, -9.0])
+  n_w, n_l = np.array([2, 10, 1, 4]), np.array([6, 3, 1, 1])
+  ra = ev.ranking_acc(lp_w, lp_l, n_w, n_l)
+  assert ra["accuracy"] == 0.5 and ra["n_ties"] == 1                 # rows 0, 3
+  assert ra["accuracy_norm"] == 0.5           # per token: rows 1 (-2 > -5) and 3 (-2 > -9)
+  ref_w, ref_l = np.array([-11.0, -19.0, -6.0, -7.0]), np.array([-10.0, -16.0, -5.0, -9.0])
+  # log(.9/.1)/.1 = 21.97: every margin of at least -21 is ideal; alpha .5 leaves ref's own.
+  assert ev.idealized_ranking_acc(ref_w, ref_l, 0.9, beta=0.1)["accuracy"] == 1.0
+  assert ev.idealized_ranking_acc(ref_w, ref_l, 0.5, beta=0.1)["accuracy"] == 0.25
+  alpha = np.array([0.5, 0.5, 0.9, 1.0])  # 1.0 is clipped to 1 - 1e-3
+  ira = ev.idealized_ranking_acc(ref_w, ref_l, alpha, beta=1.0)["accuracy"]
+  assert ira == 0.5                                                   # rows 2 (-1+2.2), 3
+  gap = ev.alignment_gap(lp_w, lp_l, ref_w, ref_l, alpha, beta=1.0)
+  assert gap["gap"] == 0.0 and gap["n"] == 4
+  assert ev.alignment_gap(lp_w, lp_l, ref_w, ref_l, 0.9, beta=0.1)["gap"] == 0.5

@@ -4,6 +4,7 @@
 from alignjax.evaluation.metrics import (
     REWARDBENCH_COUNTS,
     REWARDBENCH_SECTIONS,
+    alignment_gap,
     best_of_k_acc,
     by_language,
     contrast_consistency,
@@ -11,6 +12,7 @@ from alignjax.evaluation.metrics import (
     ece,
     filler_delta,
     fit_temperature,
+    idealized_ranking_acc,
     kendall_tau,
     length_bias_flag,
     length_bias_probe,
@@ -18,6 +20,7 @@ from alignjax.evaluation.metrics import (
     offtopic_long_rate,
     one_vs_many_mrr,
     pairwise_acc,
+    ranking_acc,
     rb_score,
     reliability,
     reward_histogram,

@@ -127,6 +127,43 @@ def pairwise_acc(r_c, r_r, *, tie_value: float = 0.0, groups=None) -> dict:
   return out
 
 
+def ranking_acc(lp_w, lp_l, n_w=None, n_l=None) -> dict:
+  """Ranking accuracy of a policy on preference pairs (METHODS 6.10 `eval.ranking_acc`;
+  *Preference Learning Algorithms Do Not Learn Preference Rankings*).
+
+  `RA = mean 1[lp(y_w|x) > lp(y_l|x)]` on summed response log-probs (ties miss); with the
+  lengths n_w, n_l also `accuracy_norm` on per-token means lp / n (n clamped to >= 1).
+  lp_w, lp_l, n_w, n_l: [B]. Returns pairwise_acc's dict (+ accuracy_norm).
+  """
+  out = pairwise_acc(lp_w, lp_l)
+  if n_w is not None and n_l is not None:
+    out["accuracy_norm"] = pairwise_acc(_arr(lp_w) / np.maximum(_arr(n_w), 1.0),
+                                        _arr(lp_l) / np.maximum(_arr(n_l), 1.0))["accuracy"]
+  return out
+
+
+def idealized_ranking_acc(ref_w, ref_l, alpha, *, beta: float) -> dict:
+  """Idealized ranking accuracy (METHODS 6.10 `eval.idealized_ranking_acc`): the ranking
+  accuracy of the DPO/RLHF optimum, whose log-ratio is
+  `lp_ref(y_w) - lp_ref(y_l) + log(alpha / (1 - alpha)) / beta`, with alpha the true
+  preference probability (scalar or [B], clipped to [1e-3, 1 - 1e-3]) and beta the training
+  beta. ref_w, ref_l: [B] summed reference log-probs. Returns pairwise_acc's dict.
+  """
+  ref_w, ref_l = _arr(ref_w).ravel(), _arr(ref_l).ravel()
+  a = np.clip(np.broadcast_to(_arr(alpha), ref_w.shape), 1e-3, 1 - 1e-3)
+  return pairwise_acc(ref_w - ref_l + np.log(a / (1 - a)) / beta, np.zeros_like(ref_w))
+
+
+def alignment_gap(lp_w, lp_l, ref_w, ref_l, alpha, *, beta: float) -> dict:
+  """`gap = IRA - RA` (METHODS 6.10 `eval.alignment_gap`): how far a policy's ranking
+  accuracy falls short of its objective's optimum. Returns {gap, ranking_acc,
+  idealized_ranking_acc, n}."""
+  ra = ranking_acc(lp_w, lp_l)["accuracy"]
+  ira = idealized_ranking_acc(ref_w, ref_l, alpha, beta=beta)
+  return {"gap": ira["accuracy"] - ra, "ranking_acc": ra,
+          "idealized_ranking_acc": ira["accuracy"], "n": ira["n"]}
+
+
 def rb_score(per_subset_results: Mapping[str, Any],
              sections: Mapping[str, Sequence[str]] | None = None, *,
              counts: Mapping[str, float] | None = None) -> dict:
