@@ -21,6 +21,21 @@ def config(num_steps: int):
   return c
 
 
+def dpo_config(num_steps: int):
+  """DPO with a live reference that the dynamic anchor moves (ref_update_steps=2, alpha .5),
+  so a resumed run must restore the reference from the checkpoint."""
+  from configs import dpo
+  c = dpo.get_config(f"steps={num_steps},batch=16,ref_update_steps=2")
+  c.dpo.ref_update_alpha = 0.5
+  c.optimizer.schedule, c.optimizer.warmup_steps = "constant", 0
+  c.train.log_every, c.train.eval_every, c.train.eval_steps = 1, 0, 1
+  c.train.peak_flops_per_device = 0.0
+  c.train.progress_bar = False
+  c.checkpoint.every = 3
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  return c
+
+
 @contextlib.contextmanager
 def record_batches():
   """Records the host-local `tokens` of every batch placed on the mesh."""

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from tests.multihost_config import config, record_batches
+from tests.multihost_config import config, dpo_config, record_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,13 +21,13 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _run_two(workdir, steps, tmp):
+def _run_two(workdir, steps, tmp, task="sft"):
   port = _free_port()
-  outs = [os.path.join(tmp, f"p{i}_{steps}.npz") for i in range(2)]
+  outs = [os.path.join(tmp, f"{task}_p{i}_{steps}.npz") for i in range(2)]
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(i), "2",
-       str(port), str(workdir), str(steps), outs[i]],
+       str(port), str(workdir), str(steps), outs[i], task],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -77,4 +77,18 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   a, b = _losses(tmp_path / "single"), _losses(multi)
   assert sorted(a) == sorted(b) == list(range(1, 9))
   np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)],
+                             rtol=1e-5)
+
+
+def test_dpo_two_processes_match_one_process_and_resume(tmp_path):
+  """DPO with a moving reference (the loop's frozen state) across 2 processes: 3 steps, a
+  checkpoint, a relaunch to 5 steps; the losses equal one process's 5 uninterrupted steps."""
+  from alignjax.trainers import dpo
+  dpo.run(dpo_config(5), str(tmp_path / "single"))
+  multi = tmp_path / "multi"
+  _run_two(multi, 3, tmp_path, "dpo")
+  _run_two(multi, 5, tmp_path, "dpo")
+  a, b = _losses(tmp_path / "single"), _losses(multi)
+  assert sorted(b) == list(range(1, 6))
+  np.testing.assert_allclose([b[s] for s in range(1, 6)], [a[s] for s in range(1, 6)],
                              rtol=1e-5)
