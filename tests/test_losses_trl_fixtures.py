@@ -225,20 +225,45 @@ def test_trl_orpo_ratio_term_matches_methods_golden():
   assert abs(-np.mean(res["per_example_loss"]["odds_ratio"]) - .04126783) <= 2e-8
 
 
-DPO_LIKE = [r for r in RESULTS if r["trainer"] != "KTOTrainer"]
+def _mapped(res) -> bool:
+  try:
+    kernel_for(res)
+    return True
+  except NoKernel:
+    return False
+
+
+# TRL results alignjax has no kernel for (LD-DPO, sigmoid_norm, AlphaPO, CPO with NLL, SimPO
+# with label smoothing, KTO's apo_zero_unpaired): listed by test_unmapped_trl_results, not
+# collected as (skipped) comparisons.
+UNMAPPED = [r for r in RESULTS if not _mapped(r)]
+DPO_LIKE = [r for r in RESULTS if r["trainer"] != "KTOTrainer" and _mapped(r)]
+
+
+def test_unmapped_trl_results():
+  """The TRL losses without an alignjax kernel are exactly the known ones (a new fixture or a
+  new kernel must update this list)."""
+  reasons = set()
+  for res in UNMAPPED:
+    try:
+      kernel_for(res)
+    except NoKernel as e:
+      reasons.add(str(e).split(" has no")[0])
+  assert reasons == {"LD-DPO (ld_alpha)", "TRL loss_type 'sigmoid_norm'",
+                     "AlphaPO (CPO alpha != 0)", "CPO loss_type 'sigmoid' (reference-free, plus NLL)",
+                     "simpo", "KTO loss_type 'apo_zero_unpaired'"}, reasons
+  assert len(UNMAPPED) == 34 and len(DPO_LIKE) + len(UNMAPPED) + sum(
+      r["trainer"] == "KTOTrainer" and _mapped(r) for r in RESULTS) == len(RESULTS)
 
 
 @pytest.mark.parametrize("res", DPO_LIKE, ids=result_id)
 def test_paired_kernel_matches_trl(res):
   case = CASES[res["case"]]
-  try:
-    name, kw = kernel_for(res)
-    if name is None:
-      got = composite_value(res, case)
-      np.testing.assert_allclose(got, res["loss"], rtol=RTOL, atol=ATOL, err_msg=result_id(res))
-      return
-  except NoKernel as e:
-    pytest.skip(str(e))
+  name, kw = kernel_for(res)
+  if name is None:
+    got = composite_value(res, case)
+    np.testing.assert_allclose(got, res["loss"], rtol=RTOL, atol=ATOL, err_msg=result_id(res))
+    return
 
   x = _arrays(case)
   got, denom, metrics = call(name, x, **kw)
@@ -273,12 +298,10 @@ def test_rpo_completion_norm_on_equal_lengths():
   np.testing.assert_allclose(got, res["loss"], rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("res", [r for r in RESULTS if r["trainer"] == "KTOTrainer"], ids=result_id)
+@pytest.mark.parametrize("res", [r for r in RESULTS if r["trainer"] == "KTOTrainer" and _mapped(r)],
+                         ids=result_id)
 def test_kto_kernel_matches_trl(res):
-  try:
-    name, kw = kernel_for(res)
-  except NoKernel as e:
-    pytest.skip(str(e))
+  name, kw = kernel_for(res)
   case = KTO_CASES[res["case"]]
   u = np.asarray(res["u"], np.float32)
   des = np.asarray(case["label"], bool)

@@ -365,15 +365,8 @@ class _BuildExpanded:
     if item is None:
       return None
     where, record = item
-    try:
-      example = self.build(record, where)
-    except RecordError:
-      if not self.skip_malformed:
-        raise
-      self.stats.add(skipped_malformed=1)
-      return None
-    self.stats.add(examples=1)
-    return example
+    return sft_lib.build_counted(self.build, lambda: record, where, self.skip_malformed,
+                                 self.stats)
 
 
 def record_transforms(data_cfg, kind: str) -> tuple[list, int, str]:

@@ -145,16 +145,22 @@ class RecordMap:
     self.source, self.build, self.skip_malformed, self.stats = source, build, skip_malformed, stats
 
   def __call__(self, index: int):
-    where = self.source.where(index)
-    try:
-      example = self.build(self.source[index], where)
-    except RecordError:
-      if not self.skip_malformed:
-        raise
-      self.stats.add(skipped_malformed=1)
-      return None
-    self.stats.add(examples=1)
-    return example
+    return build_counted(self.build, lambda: self.source[index], self.source.where(index),
+                         self.skip_malformed, self.stats)
+
+
+def build_counted(build, read, where: str, skip_malformed: bool, stats: Counters):
+  """build(read(), where), counted in stats.examples; a RecordError (from reading or building)
+  is raised, or (with `skip_malformed`) counted in stats.skipped_malformed and None returned."""
+  try:
+    example = build(read(), where)
+  except RecordError:
+    if not skip_malformed:
+      raise
+    stats.add(skipped_malformed=1)
+    return None
+  stats.add(examples=1)
+  return example
 
 
 class _SFTExample:
