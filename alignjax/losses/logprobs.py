@@ -206,14 +206,8 @@ def _lp_bwd(vc, nv, with_entropy, res, g):
         dz = glp_c[..., None] * (blk.hit(t_c).astype(f32) - p)
       if use_ent:
         dz = dz - gent_c[..., None] * p * blk.finite(logp + ent_c[..., None])
-      if need_t:
-        dt = dt + jnp.sum(dz * a)
-      da = dz * inv_temp
-      if need_h:
-        dh_c = dh_c + jnp.einsum("bcv,dv->bcd", da, blk.w, preferred_element_type=f32)
-      if need_w:
-        dw_i = jnp.einsum("bcd,bcv->dv", h_c, da, preferred_element_type=f32)
-        dw = _add_dw(dw, blk.start, dw_i, nv)
+      dh_c, dw, dt = _side_grads(dz, a, blk, h_c, dh_c, dw, dt, inv_temp, need_h, need_w,
+                                 need_t, nv)
       return (dh_c, dw, dt), None
 
     dh0 = jnp.zeros(h_c.shape, f32) if need_h else None
