@@ -12,7 +12,7 @@ from flax import nnx
 from alignjax import parallel
 from alignjax.data import synthetic
 from alignjax.data.records import RecordError
-from alignjax.trainers import dpo, loop, ref_logps
+from alignjax.trainers import dpo, ref_logps
 
 from tests import rm_helpers
 

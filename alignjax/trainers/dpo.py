@@ -502,21 +502,22 @@ def build_task(config, tokenizer=None) -> loop.Task:
 
   rows = {"pairwise": 2 + len(dc.extra_responses) + 2 * len(dc.contrast_instructions),
           "listwise": dc.max_responses}[kind]
-  passes = (2 if ref_mode == "live" else 1) * rows + (2 if need_kl else 0)
+  # Forward-only rows per example: the reference's, and KTO's mismatched rows (policy and
+  # reference; z0 carries no gradient).
+  live = ref_mode == "live"
+  forward_only = (rows if live else 0) + ((2 if live else 1) if need_kl else 0)
   has_eval = bool(dc.eval_files or dc.synthetic)
   return loop.Task(
       build_model=lambda mesh, rules: common.build_model(config, cfg, mesh, rules),
       loss_fn=make_loss_fn(config),
       train_iter=lambda: iterator("train"),
       eval_iter=(lambda: iterator("eval")) if has_eval else None,
-      # Trained rows: forward + backward (6 N); reference rows: forward only (2 N).
-      flops_per_token=cfg.flops_per_token(dc.seq_len) * (
-          rows + (rows if ref_mode == "live" else 0) / 3 + (1 if need_kl else 0)
-          + (1 / 3 if need_kl and ref_mode == "live" else 0)) / rows,
+      # Trained rows: forward + backward (6 N per token); forward-only rows: 2 N.
+      flops_per_token=cfg.flops_per_token(dc.seq_len) * (rows + forward_only / 3) / rows,
       tokens_per_batch=dc.batch_size * rows * dc.seq_len,
       build_frozen=(lambda model, mesh, rules: build_reference_state(config, cfg, model, mesh,
                                                                      rules))
-      if ref_mode == "live" else None,
+      if live else None,
       update_frozen=make_update_frozen(config),
   )
 
