@@ -26,7 +26,10 @@ output says which ran.
 The same fixed synthetic batch on both sides: B pairs x L tokens, one prompt of `L //
 4` tokens shared by chosen and rejected, the chosen response filling the row, the rejected
 response `L // 8` tokens shorter (right-padded). Convention: tokens/s = B x 2 x L / step
-time (padded positions included; the reference forward is not counted again).
+time (padded positions included; the reference forward is not counted again). With a peer,
+the two sides' steps alternate (one alignjax step, one peer step, never both at once), so a
+change in machine load during the run hits both alike; each side's median is over its
+--steps timed steps after --warmup (the first includes alignjax's compilation).
 """
 
 import argparse
@@ -88,33 +91,70 @@ def dpo_task_config(args):
   return c
 
 
-def bench_alignjax(args, cfg, batch, export_dir):
-  config = dpo_task_config(args)
-  mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:1])
-  rules = parallel.DEFAULT_RULES
-  tx = optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=args.weight_decay)
-  with parallel.use_mesh(mesh):
-    model = parallel.create_sharded(lambda: init_model(cfg, 0), mesh)
-    hf.save_hf_model(model, export_dir)  # the peer's initial weights (before donation)
-    frozen = dpo.build_reference_state(config, cfg, model, mesh, rules)
-    graphdef, params = nnx.split(model)
-    state = loop.init_state(params, tx, mesh, rules, 0, frozen)
-    step = jax.jit(loop.make_train_step(graphdef, dpo.make_loss_fn(config), tx,
-                                        lambda s: args.lr), donate_argnums=0)
-    dev_batch = parallel.shard_batch(batch, mesh)
-    losses, first, times = [], None, []
-    for _ in range(args.warmup + args.steps):
+class AlignjaxDPO:
+  """The `dpo` task's train step on a 1-device mesh; `step()` runs one and returns (seconds,
+  loss, metrics)."""
+
+  def __init__(self, args, cfg, batch, export_dir):
+    config = dpo_task_config(args)
+    self.mesh = parallel.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:1])
+    rules = parallel.DEFAULT_RULES
+    tx = optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=args.weight_decay)
+    with parallel.use_mesh(self.mesh):
+      model = parallel.create_sharded(lambda: init_model(cfg, 0), self.mesh)
+      hf.save_hf_model(model, export_dir)  # the peer's initial weights (before donation)
+      frozen = dpo.build_reference_state(config, cfg, model, self.mesh, rules)
+      graphdef, params = nnx.split(model)
+      self.state = loop.init_state(params, tx, self.mesh, rules, 0, frozen)
+      self._step = jax.jit(loop.make_train_step(graphdef, dpo.make_loss_fn(config), tx,
+                                                lambda s: args.lr), donate_argnums=0)
+      self.batch = parallel.shard_batch(batch, self.mesh)
+
+  def step(self):
+    with parallel.use_mesh(self.mesh):
       t = time.perf_counter()
-      state, m = step(state, dev_batch)
-      loss = float(m["loss"])  # blocks
-      times.append(time.perf_counter() - t)
-      losses.append(loss)
-      if first is None:
-        first = {k: float(m[k]) for k in ("logp_chosen", "logp_rejected")}
-  del state
-  return {"seconds": float(np.median(times[args.warmup:])), "first": times[0],
-          "losses": losses, "logp_chosen": first["logp_chosen"],
-          "logp_rejected": first["logp_rejected"]}
+      self.state, m = self._step(self.state, self.batch)
+      loss = float(m["loss"])  # blocks until the step is done
+      return time.perf_counter() - t, loss, m
+
+
+class Peer:
+  """benchmarks/peers/trl_dpo_step.py as a subprocess that runs one step per request."""
+
+  def __init__(self, args, spec, log_path):
+    self.log_path = log_path
+    self.log = open(log_path, "w")  # a file, not a pipe: stderr can never fill up and block
+    self.proc = subprocess.Popen([args.peer_python, PEER, json.dumps(spec)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=self.log, text=True)
+    self.info = self._read()
+
+  def _read(self):
+    line = self.proc.stdout.readline()
+    while line and not line.startswith("{"):  # skip anything a library printed
+      line = self.proc.stdout.readline()
+    if not line:
+      self.proc.kill()
+      self.proc.wait()
+      with open(self.log_path) as f:
+        sys.exit(f"peer failed:\n{f.read()[-4000:]}")
+    return json.loads(line)
+
+  def request(self, what: str) -> dict:
+    self.proc.stdin.write(what + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def step(self):
+    r = self.request("step")
+    return r["seconds"], r["loss"]
+
+  def close(self) -> dict:
+    out = self.request("done")
+    self.proc.stdin.close()
+    self.proc.wait()
+    self.log.close()
+    return out
 
 
 def main():
@@ -122,7 +162,7 @@ def main():
   p.add_argument("--preset", default="100m")
   p.add_argument("--batch", type=int, default=2, help="pairs per step (B)")
   p.add_argument("--length", type=int, default=256, help="tokens per row (L)")
-  p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  p.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported)")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps first (incl. compile)")
   p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (TRL's default)")
   p.add_argument("--weight-decay", type=float, default=0.0)
@@ -139,58 +179,73 @@ def main():
         f"pairs x 2 rows x {args.length} tokens (prompt {args.length // 4}, chosen response "
         f"{int(batch['length'][0, 0])}, rejected {int(batch['length'][0, 1])} + "
         f"{args.length // 8} padding); sigmoid DPO beta {args.beta}, live reference = initial "
-        f"policy, AdamW lr {args.lr:g} wd {args.weight_decay:g}, no clipping; "
-        f"{jax.devices()[0].platform} x1 device; median of {args.steps} steps after "
-        f"{args.warmup} warm-up")
+        f"policy, AdamW lr {args.lr:g} wd {args.weight_decay:g}, no clipping; alignjax on "
+        f"{jax.devices()[0].platform} x1 device")
   print(f"tokens/s = {args.batch} x 2 x {args.length} = {tokens} tokens per step / step time "
-        "(padding included, reference forward not counted again)")
+        "(padding included, reference forward not counted again); median of "
+        f"{args.steps} steps after {args.warmup} warm-up" +
+        (", alignjax and peer steps alternating" if args.peer_python else ""))
   tmp = tempfile.mkdtemp(prefix="dpo_step_")
+  peer = None
   try:
     export = os.path.join(tmp, "model")
     np.savez(os.path.join(tmp, "batch.npz"), **batch)
-    ours = bench_alignjax(args, cfg, batch, export)
-    tps = tokens / ours["seconds"]
-    print(f"alignjax          : {ours['seconds'] * 1e3:9.1f} ms/step  {tps:8.1f} tokens/s  "
-          f"(first step incl. compile {ours['first']:.1f} s)")
-    peer = None
+    ours = AlignjaxDPO(args, cfg, batch, export)
     if args.peer_python:
-      spec = {"model_dir": export, "batch": os.path.join(tmp, "batch.npz"), "steps": args.steps,
-              "warmup": args.warmup, "lr": args.lr, "weight_decay": args.weight_decay,
-              "beta": args.beta}
-      out = subprocess.run([args.peer_python, PEER, json.dumps(spec)], capture_output=True,
-                           text=True)
-      if out.returncode:
-        sys.exit(f"peer failed:\n{out.stderr[-4000:]}")
-      peer = json.loads(out.stdout.strip().splitlines()[-1])
-      ptps = tokens / peer["seconds"]
-      print(f"HF + TRL (torch)  : {peer['seconds'] * 1e3:9.1f} ms/step  {ptps:8.1f} tokens/s  "
-            f"(first step {peer['first']:.1f} s; torch {peer['torch']}, transformers "
-            f"{peer['transformers']}, trl {peer['trl']}, {peer['threads']} threads)")
-      print(f"peer loss: {peer['loss_impl']}")
+      peer = Peer(args, {"model_dir": export, "batch": os.path.join(tmp, "batch.npz"),
+                         "lr": args.lr, "weight_decay": args.weight_decay, "beta": args.beta},
+                  os.path.join(tmp, "peer.log"))
+    # Interleaved: one alignjax step, then one peer step (never both at once), so a change in
+    # machine load hits both sides alike.
+    times, losses, ptimes, plosses, first = [], [], [], [], None
+    for _ in range(args.warmup + args.steps):
+      t, loss, m = ours.step()
+      times.append(t)
+      losses.append(loss)
+      if first is None:
+        first = {k: float(m[k]) for k in ("logp_chosen", "logp_rejected")}
+      if peer:
+        t, loss = peer.step()
+        ptimes.append(t)
+        plosses.append(loss)
+    pinfo = peer.close() if peer else None
   finally:
+    if peer and peer.proc.poll() is None:
+      peer.proc.kill()
     shutil.rmtree(tmp, ignore_errors=True)
+
+  sec = float(np.median(times[args.warmup:]))
+  tps = tokens / sec
+  print(f"alignjax          : {sec * 1e3:9.1f} ms/step  {tps:8.1f} tokens/s  "
+        f"(first step incl. compile {times[0]:.1f} s)")
+  if peer:
+    psec = float(np.median(ptimes[args.warmup:]))
+    ptps = tokens / psec
+    print(f"HF + TRL (torch)  : {psec * 1e3:9.1f} ms/step  {ptps:8.1f} tokens/s  "
+          f"(first step {ptimes[0]:.1f} s; torch {pinfo['torch']}, transformers "
+          f"{pinfo['transformers']}, trl {pinfo['trl']}, {pinfo['threads']} threads)")
+    print(f"peer loss: {pinfo['loss_impl']}")
+    print("step times (s): alignjax " + " ".join(f"{x:.2f}" for x in times[args.warmup:]) +
+          "\n                peer     " + " ".join(f"{x:.2f}" for x in ptimes[args.warmup:]))
 
   # Agreement: the same weights and batch give the same summed log-probs and, with policy ==
   # reference, loss log 2 at step 1; after one AdamW step the losses agree loosely (Adam's
   # first update ~ lr * sign(g) amplifies float noise in near-zero gradient entries).
-  print(f"step-1 loss (log 2 = {math.log(2):.6f}): alignjax {ours['losses'][0]:.6f}" +
-        (f"  peer {peer['losses'][0]:.6f}" if peer else ""))
-  print(f"step-1 mean summed log-probs chosen / rejected: alignjax {ours['logp_chosen']:.3f} / "
-        f"{ours['logp_rejected']:.3f}" + (f"  peer {peer['logp_chosen']:.3f} / "
-                                          f"{peer['logp_rejected']:.3f}" if peer else ""))
-  if len(ours["losses"]) > 1:
-    print("loss after 1 step: alignjax " + f"{ours['losses'][1]:.6f}" +
-          (f"  peer {peer['losses'][1]:.6f}  (|diff| "
-           f"{abs(ours['losses'][1] - peer['losses'][1]):.2e})" if peer else ""))
-    print("losses per step: alignjax " + " ".join(f"{x:.5f}" for x in ours["losses"]) +
-          ("\n                 peer     " + " ".join(f"{x:.5f}" for x in peer["losses"])
-           if peer else ""))
+  print(f"step-1 loss (log 2 = {math.log(2):.6f}): alignjax {losses[0]:.6f}" +
+        (f"  peer {plosses[0]:.6f}" if peer else ""))
+  print(f"step-1 mean summed log-probs chosen / rejected: alignjax {first['logp_chosen']:.3f} / "
+        f"{first['logp_rejected']:.3f}" + (f"  peer {pinfo['logp_chosen']:.3f} / "
+                                           f"{pinfo['logp_rejected']:.3f}" if peer else ""))
+  print(f"loss after 1 step: alignjax {losses[1]:.6f}" +
+        (f"  peer {plosses[1]:.6f}  (|diff| {abs(losses[1] - plosses[1]):.2e})" if peer else ""))
+  print("losses per step: alignjax " + " ".join(f"{x:.5f}" for x in losses) +
+        ("\n                 peer     " + " ".join(f"{x:.5f}" for x in plosses) if peer else ""))
   if peer:
-    ok0 = abs(ours["losses"][0] - math.log(2)) < 1e-4 and abs(peer["losses"][0] - math.log(2)) < 1e-4
-    ok1 = abs(ours["losses"][1] - peer["losses"][1]) < 1e-2 + 1e-2 * abs(peer["losses"][1])
+    ok0 = abs(losses[0] - math.log(2)) < 1e-4 and abs(plosses[0] - math.log(2)) < 1e-4
+    ok1 = abs(losses[1] - plosses[1]) < 1e-2 + 1e-2 * abs(plosses[1])
     print(f"agreement: step-1 loss = log 2 on both: {'yes' if ok0 else 'NO'}; loss after one "
           f"step within 1e-2 (+1% rel): {'yes' if ok1 else 'NO'}")
-    speed = peer["seconds"] / ours["seconds"]
+    speed = psec / sec
     print(f"ratio: alignjax is {speed:.2f}x faster" if speed >= 1 else
           f"ratio: alignjax is {speed:.2f}x faster (i.e. {1 / speed:.2f}x slower)")
 

@@ -2,7 +2,10 @@
 transformers + TRL (PyTorch, CPU, float32).
 
 argv: one JSON object {model_dir, batch (an .npz of alignjax's [B, 2, L] preference batch),
-steps, warmup, lr, weight_decay, beta}. Prints one JSON line.
+lr, weight_decay, beta}. After setting up it prints a JSON line ({"ready": true}), then reads
+commands from stdin, one per line: "step" runs one train step and prints {"seconds", "loss"};
+"done" prints the first step's mean summed log-probs and versions, and exits. (The caller
+alternates its own steps with the peer's.)
 
 Policy and reference are loaded from the same exported checkpoint (reference: eval mode,
 no grad). Both are patched with TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`,
@@ -141,17 +144,25 @@ def main():
     opt.zero_grad(set_to_none=True)
     return loss.item()
 
-  losses, times = [], []
-  for _ in range(spec["warmup"] + spec["steps"]):
-    t = time.perf_counter()
-    losses.append(step())
-    times.append(time.perf_counter() - t)
-  timed = sorted(times[spec["warmup"]:])
-  pc, pr = first_logps()
-  print(json.dumps({"seconds": timed[len(timed) // 2], "first": times[0], "losses": losses,
-                    "logp_chosen": pc, "logp_rejected": pr, "loss_impl": impl,
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "trl": trl_version, "threads": torch.get_num_threads()}))
+  def reply(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+  reply({"ready": True})
+  for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "step":
+      t = time.perf_counter()
+      loss = step()
+      reply({"seconds": time.perf_counter() - t, "loss": loss})
+    elif cmd == "done":
+      pc, pr = first_logps()
+      reply({"logp_chosen": pc, "logp_rejected": pr, "loss_impl": impl,
+             "torch": torch.__version__, "transformers": transformers.__version__,
+             "trl": trl_version, "threads": torch.get_num_threads()})
+      return
+    else:
+      raise ValueError(f"unknown command {cmd!r}")
 
 
 if __name__ == "__main__":
