@@ -26,10 +26,16 @@ output says which ran.
 The same fixed synthetic batch on both sides: B pairs x L tokens, one prompt of `L //
 4` tokens shared by chosen and rejected, the chosen response filling the row, the rejected
 response `L // 8` tokens shorter (right-padded). Convention: tokens/s = B x 2 x L / step
-time (padded positions included; the reference forward is not counted again). With a peer,
-the two sides' steps alternate (one alignjax step, one peer step, never both at once), so a
-change in machine load during the run hits both alike; each side's median is over its
---steps timed steps after --warmup (the first includes alignjax's compilation).
+time (padded positions included; the reference forward is not counted again).
+
+Timing: back-to-back steps in blocks, alternating sides: --rounds rounds of [alignjax block,
+peer block] (the peer process stays alive, idle while alignjax runs, and vice versa; never
+both at once). Each block is --warmup untimed steps (re-warming after the other side ran; the
+very first alignjax one includes compilation) then --steps timed steps; a side's ms/step is
+the median of its timed steps over all rounds. Blocks (not single alternating steps) because
+a step that follows an idle pause runs measurably slower here, more so for alignjax; rounds so
+that a drift in machine load hits both sides alike. Optimisation continues across blocks:
+every step of a side is one more AdamW step on the same batch.
 """
 
 import argparse
@@ -162,16 +168,19 @@ def main():
   p.add_argument("--preset", default="100m")
   p.add_argument("--batch", type=int, default=2, help="pairs per step (B)")
   p.add_argument("--length", type=int, default=256, help="tokens per row (L)")
-  p.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported)")
-  p.add_argument("--warmup", type=int, default=1, help="untimed steps first (incl. compile)")
+  p.add_argument("--steps", type=int, default=3, help="timed steps per block")
+  p.add_argument("--warmup", type=int, default=1,
+                 help="untimed steps at the start of each block (the first compiles)")
+  p.add_argument("--rounds", type=int, default=2,
+                 help="rounds of [alignjax block, peer block]; ms/step = median of all timed")
   p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (TRL's default)")
   p.add_argument("--weight-decay", type=float, default=0.0)
   p.add_argument("--beta", type=float, default=0.1)
   p.add_argument("--peer-python", default="",
                  help="python with torch + transformers (+ trl) for the side-by-side peer")
   args = p.parse_args()
-  if args.warmup < 1 or args.steps < 1:
-    sys.exit("--warmup and --steps must be >= 1 (the first step compiles).")
+  if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+    sys.exit("--warmup, --steps and --rounds must be >= 1 (the first step compiles).")
   cfg = get_preset(args.preset)
   batch = batch_for(args, cfg.vocab_size)
   tokens = args.batch * 2 * args.length
@@ -182,9 +191,10 @@ def main():
         f"policy, AdamW lr {args.lr:g} wd {args.weight_decay:g}, no clipping; alignjax on "
         f"{jax.devices()[0].platform} x1 device")
   print(f"tokens/s = {args.batch} x 2 x {args.length} = {tokens} tokens per step / step time "
-        "(padding included, reference forward not counted again); median of "
-        f"{args.steps} steps after {args.warmup} warm-up" +
-        (", alignjax and peer steps alternating" if args.peer_python else ""))
+        f"(padding included, reference forward not counted again); {args.rounds} round(s) of "
+        f"{args.warmup} warm-up + {args.steps} timed steps" +
+        (" per side, alignjax block then peer block" if args.peer_python else "") +
+        "; ms/step = median of the timed steps")
   tmp = tempfile.mkdtemp(prefix="dpo_step_")
   peer = None
   try:
@@ -195,38 +205,42 @@ def main():
       peer = Peer(args, {"model_dir": export, "batch": os.path.join(tmp, "batch.npz"),
                          "lr": args.lr, "weight_decay": args.weight_decay, "beta": args.beta},
                   os.path.join(tmp, "peer.log"))
-    # Interleaved: one alignjax step, then one peer step (never both at once), so a change in
-    # machine load hits both sides alike.
     times, losses, ptimes, plosses, first = [], [], [], [], None
-    for _ in range(args.warmup + args.steps):
-      t, loss, m = ours.step()
-      times.append(t)
-      losses.append(loss)
-      if first is None:
-        first = {k: float(m[k]) for k in ("logp_chosen", "logp_rejected")}
-      if peer:
+    for _ in range(args.rounds):
+      for i in range(args.warmup + args.steps):
+        t, loss, m = ours.step()
+        losses.append(loss)
+        if first is None:
+          first = {k: float(m[k]) for k in ("logp_chosen", "logp_rejected")}
+          compile_s = t
+        if i >= args.warmup:
+          times.append(t)
+      for i in range(args.warmup + args.steps) if peer else ():
         t, loss = peer.step()
-        ptimes.append(t)
         plosses.append(loss)
+        if len(plosses) == 1:
+          peer_first_s = t
+        if i >= args.warmup:
+          ptimes.append(t)
     pinfo = peer.close() if peer else None
   finally:
     if peer and peer.proc.poll() is None:
       peer.proc.kill()
     shutil.rmtree(tmp, ignore_errors=True)
 
-  sec = float(np.median(times[args.warmup:]))
+  sec = float(np.median(times))
   tps = tokens / sec
   print(f"alignjax          : {sec * 1e3:9.1f} ms/step  {tps:8.1f} tokens/s  "
-        f"(first step incl. compile {times[0]:.1f} s)")
+        f"(first step incl. compile {compile_s:.1f} s)")
   if peer:
-    psec = float(np.median(ptimes[args.warmup:]))
+    psec = float(np.median(ptimes))
     ptps = tokens / psec
     print(f"HF + TRL (torch)  : {psec * 1e3:9.1f} ms/step  {ptps:8.1f} tokens/s  "
-          f"(first step {ptimes[0]:.1f} s; torch {pinfo['torch']}, transformers "
+          f"(first step {peer_first_s:.1f} s; torch {pinfo['torch']}, transformers "
           f"{pinfo['transformers']}, trl {pinfo['trl']}, {pinfo['threads']} threads)")
     print(f"peer loss: {pinfo['loss_impl']}")
-    print("step times (s): alignjax " + " ".join(f"{x:.2f}" for x in times[args.warmup:]) +
-          "\n                peer     " + " ".join(f"{x:.2f}" for x in ptimes[args.warmup:]))
+    print("timed steps (ms): alignjax " + " ".join(f"{x * 1e3:.0f}" for x in times) +
+          "\n                  peer     " + " ".join(f"{x * 1e3:.0f}" for x in ptimes))
 
   # Agreement: the same weights and batch give the same summed log-probs and, with policy ==
   # reference, loss log 2 at step 1; after one AdamW step the losses agree loosely (Adam's
