@@ -104,7 +104,7 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
       self.k_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, inv_freq):
+  def _qkv(self, x_BxLxD, positions_BxL, inv_freq):
     cfg = self.cfg
     dt = x_BxLxD.dtype
     proj = lambda w: jnp.einsum("bld,dnh->blnh", x_BxLxD, w[...].astype(dt))
@@ -118,16 +118,36 @@ class Attention(nnx.Module):
                            ("batch", "length", "heads", "head_dim"))
     k = parallel.constrain(apply_rope(k, positions_BxL, inv_freq),
                            ("batch", "length", "kv_heads", "head_dim"))
+    return q, k, v
+
+  def _attend(self, q, k, v, mask_Bx1xQxS):
+    """softmax(q k^T / sqrt(H)) v over keys [B,S,K,H] for queries [B,Q,N,H], then o_proj."""
+    dt = q.dtype
     b, l, n, h = q.shape
-    kv = cfg.num_kv_heads
+    kv = self.cfg.num_kv_heads
     q_BxLxKxGxH = q.reshape(b, l, kv, n // kv, h)
     logits = jnp.einsum("bqkgh,bskh->bkgqs", q_BxLxKxGxH, k,
                         preferred_element_type=jnp.float32) / math.sqrt(h)
-    logits = jnp.where(mask_Bx1xLxL[:, :, None], logits, _NEG_INF)
+    logits = jnp.where(mask_Bx1xQxS[:, :, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v).reshape(b, l, n, h)
+    out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v.astype(dt)).reshape(b, l, n, h)
     out = parallel.constrain(out, ("batch", "length", "heads", "head_dim"))
     return jnp.einsum("blnh,nhd->bld", out, self.o_proj[...].astype(dt))
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, inv_freq):
+    q, k, v = self._qkv(x_BxLxD, positions_BxL, inv_freq)
+    return self._attend(q, k, v, mask_Bx1xLxL)
+
+  def cached(self, x_BxTxD, positions_BxT, cache, slot, mask_Bx1xTxS, inv_freq):
+    """Attention of T new tokens written at cache slots [slot, slot + T): cache = (k, v)
+    [B,S,K,H] each; returns (output [B,T,D], updated cache)."""
+    q, k, v = self._qkv(x_BxTxD, positions_BxT, inv_freq)
+    ck, cv = cache
+    ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), slot, axis=1)
+    cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), slot, axis=1)
+    ck = parallel.constrain(ck, ("batch", "length", "kv_heads", "head_dim"))
+    cv = parallel.constrain(cv, ("batch", "length", "kv_heads", "head_dim"))
+    return self._attend(q, ck, cv, mask_Bx1xTxS), (ck, cv)
 
 
 class MLP(nnx.Module):
@@ -163,6 +183,13 @@ class Block(nnx.Module):
     x = x_BxLxD + self.attn(self.input_norm(x_BxLxD), positions_BxL, mask_Bx1xLxL, inv_freq)
     x = x + self.mlp(self.post_attn_norm(x))
     return parallel.constrain(x, ("batch", "length", "embed"))
+
+  def cached(self, x_BxTxD, positions_BxT, cache, slot, mask_Bx1xTxS, inv_freq):
+    a, cache = self.attn.cached(self.input_norm(x_BxTxD), positions_BxT, cache, slot,
+                                mask_Bx1xTxS, inv_freq)
+    x = x_BxTxD + a
+    x = x + self.mlp(self.post_attn_norm(x))
+    return parallel.constrain(x, ("batch", "length", "embed")), cache
 
 
 _REMAT_POLICIES = {
@@ -205,11 +232,7 @@ class Transformer(nnx.Module):
       segment_ids_BxL = jnp.ones((b, l), jnp.int32)
     mask = attention_mask(segment_ids_BxL)
     inv_freq = rope_inv_freq(cfg)
-    # Gather the table over `embed` first (as FSDP does for every weight), then look up rows
-    # of the vocab-sharded table.
-    table = parallel.constrain(self.embed[...], ("vocab", None))
-    x = jnp.take(table, tokens_BxL, axis=0).astype(to_dtype(cfg.dtype))
-    x = parallel.constrain(x, ("batch", "length", "embed"))
+    x = self._embed(tokens_BxL)
 
     def run(block, x):
       return block(x, positions_BxL, mask, inv_freq)
@@ -219,6 +242,38 @@ class Transformer(nnx.Module):
     for block in self.layers:
       x = run(block, x)
     return self.final_norm(x)
+
+  def _embed(self, tokens_BxL):
+    # Gather the table over `embed` first (as FSDP does for every weight), then look up rows
+    # of the vocab-sharded table.
+    table = parallel.constrain(self.embed[...], ("vocab", None))
+    x = jnp.take(table, tokens_BxL, axis=0).astype(to_dtype(self.cfg.dtype))
+    return parallel.constrain(x, ("batch", "length", "embed"))
+
+  def init_cache(self, batch: int, length: int, dtype=None) -> list:
+    """An empty KV cache: per layer (k, v) zeros [batch, length, K, H] in the compute dtype."""
+    cfg = self.cfg
+    dt = dtype or to_dtype(cfg.dtype)
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    axes = ("batch", "length", "kv_heads", "head_dim")
+    return [(parallel.constrain(jnp.zeros(shape, dt), axes),
+             parallel.constrain(jnp.zeros(shape, dt), axes)) for _ in range(cfg.num_layers)]
+
+  def hidden_cached(self, tokens_BxT, positions_BxT, cache, slot, kv_valid_BxS):
+    """Final-normed hidden states [B,T,D] of T new tokens at cache slots [slot, slot + T),
+    attending to earlier valid slots (`kv_valid_BxS`, which must already mark the new ones)
+    and causally among themselves; returns (hidden, updated cache)."""
+    t, s = tokens_BxT.shape[1], kv_valid_BxS.shape[1]
+    q_slot = slot + jnp.arange(t)
+    mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & kv_valid_BxS[:, None, :]
+    mask = mask[:, None]                                   # [B,1,T,S]
+    inv_freq = rope_inv_freq(self.cfg)
+    x = self._embed(tokens_BxT)
+    new_cache = []
+    for block, layer_cache in zip(self.layers, cache):
+      x, layer_cache = block.cached(x, positions_BxT, layer_cache, slot, mask, inv_freq)
+      new_cache.append(layer_cache)
+    return self.final_norm(x), new_cache
 
   def logits(self, h_BxLxD):
     out = h_BxLxD @ self.unembedding()
