@@ -137,7 +137,13 @@ def _ref_logps_config():
   return ref_logps_config()
 
 
-_TASK_SECTIONS = {"sft": sft_config, "ref_logps": _ref_logps_config}
+def _generate_config():
+  from alignjax.sampling.task import generate_config
+  return generate_config()
+
+
+_TASK_SECTIONS = {"sft": sft_config, "ref_logps": _ref_logps_config,
+                  "generate": _generate_config}
 
 
 def base_config(task: str) -> ml_collections.ConfigDict:

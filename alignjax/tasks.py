@@ -12,6 +12,7 @@ TASKS = {
     "pref_strength": "alignjax.evaluation.strength:run",
     "dpo": "alignjax.trainers.dpo:run",
     "ref_logps": "alignjax.trainers.ref_logps:run",
+    "generate": "alignjax.sampling.task:run",
     "pipeline": "alignjax.pipeline:run",
 }
 
