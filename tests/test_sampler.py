@@ -11,7 +11,7 @@ from alignjax.models.presets import get_preset
 from alignjax.models.transformer import init_model
 from alignjax.sampling import greedy_generate
 from alignjax.sampling.sampler import (GEN_BUCKETS, Sampler, SamplingConfig, bucket,
-                                       filter_logits)
+                                       filter_logits, row_bucket)
 
 PAD = 0
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
@@ -139,7 +139,7 @@ def test_logits_processor_hook(model):
     return logits.at[:, banned].set(-jnp.inf)
 
   out = s.generate(PROMPTS, SamplingConfig(max_new_tokens=5, temperature=0.0), processor=ban)
-  assert not np.any(out.tokens == banned) and seen[0] == ((), (8, 8))
+  assert not np.any(out.tokens == banned) and seen[0] == ((), (4, 8))  # 3 rows -> 4
   # The model log-probs stay those of the unmodified model.
   tf, _ = _teacher_forced(model, PROMPTS[0], out.tokens[0].tolist())
   np.testing.assert_allclose(out.model_logprobs[0], tf, atol=1e-4)
@@ -155,6 +155,7 @@ def test_bucketing_bounds_compiles(model):
   s.generate([list(range(1, 21))], cfg)                              # prompt bucket 32
   assert s.num_compiles == 2
   assert bucket(5, GEN_BUCKETS) == 8 and bucket(9000, GEN_BUCKETS) == 16384
+  assert [row_bucket(n) for n in (1, 2, 3, 5, 64, 65, 200)] == [1, 2, 4, 8, 64, 128, 256]
 
 
 def test_sharded_sampler_equals_single_device(model):

@@ -93,6 +93,15 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
   return -(-n // top) * top
 
 
+def row_bucket(n: int, multiple: int = 64) -> int:
+  """Rows of a program: the next power of two up to `multiple`, then multiples of it (1, 2,
+  4, ..., 64, 128, 192, ...), so small batches do not pay for padding rows and a run
+  compiles a bounded number of programs."""
+  if n <= multiple:
+    return 1 << max(n - 1, 0).bit_length()
+  return -(-n // multiple) * multiple
+
+
 def filter_logits(logits_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0) -> jax.Array:
   """Top-k, then top-p (the smallest set of most likely tokens whose mass reaches top_p;
@@ -184,7 +193,8 @@ def _sample_program(graphdef, state, tokens_BxP, valid_BxP, key, max_new, *, gen
 
 class Sampler:
   """Samples from an NNX transformer on its mesh. One instance caches the compiled programs
-  (one per rows x prompt bucket x generation bucket x config); `num_compiles` counts them.
+  (one per rows x prompt bucket x generation bucket x config; rows from `row_bucket`, then
+  rounded up to the data-parallel devices); `num_compiles` counts them.
 
     sampler = Sampler(model, pad_id=tok.pad_id)
     out = sampler.generate([[1, 2, 3], [4, 5]], SamplingConfig(max_new_tokens=32,
@@ -193,7 +203,7 @@ class Sampler:
 
   def __init__(self, model, *, pad_id: int, mesh=None, rules=None,
                prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-               gen_buckets: Sequence[int] = GEN_BUCKETS, row_multiple: int = 8):
+               gen_buckets: Sequence[int] = GEN_BUCKETS, row_multiple: int = 64):
     self.graphdef, self.state = nnx.split(model)
     self.pad_id = pad_id
     leaf = jax.tree.leaves(self.state)[0]
@@ -227,7 +237,7 @@ class Sampler:
     if not prompts:
       raise ValueError("generate: no prompts")
     n_rows = len(prompts) * cfg.n
-    rows = -(-n_rows // self.row_multiple) * self.row_multiple
+    rows = row_bucket(n_rows, self.row_multiple)
     if self.mesh is not None:
       ways = self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
       rows = -(-rows // ways) * ways
