@@ -132,7 +132,10 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("bkgqs,bskh->bqkgh", probs, v.astype(dt)).reshape(b, l, n, h)
     out = parallel.constrain(out, ("batch", "length", "heads", "head_dim"))
-    return jnp.einsum("blnh,nhd->bld", out, self.o_proj[...].astype(dt))
+    # [N,H,D] -> [N*H,D] is free (row-major); a plain matmul avoids a per-call relayout of
+    # the weight that the 3-index einsum gets on CPU.
+    w = self.o_proj[...].astype(dt)
+    return out.reshape(b, l, n * h) @ w.reshape(n * h, w.shape[-1])
 
   def __call__(self, x_BxLxD, positions_BxL, mask_Bx1xLxL, inv_freq):
     q, k, v = self._qkv(x_BxLxD, positions_BxL, inv_freq)
