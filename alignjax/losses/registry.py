@@ -55,11 +55,7 @@ def register(name: str, kind: str):
 
 def _load_builtins():
   for module in _BUILTIN_MODULES:
-    try:
-      importlib.import_module(module)
-    except ModuleNotFoundError as e:  # TODO(session): remove once all modules exist
-      if e.name != module:
-        raise
+    importlib.import_module(module)
 
 
 def names(kind: str | None = None) -> list[str]:
