@@ -4,9 +4,9 @@ python -m alignjax.main --config=configs/default.py --workdir=/tmp/alignjax_defa
 
 Stages (each in <workdir>/<stage>):
   sft                         a tiny transformer learns multi-digit addition from scratch;
-                              held-out exact-match accuracy before and after (~0% -> ~100%).
+                              held-out exact-match accuracy before and after (~0% -> ~97-100%).
   dpo                         DPO from the SFT model on pairs (correct sum vs. a near miss);
-                              held-out implicit-reward accuracy (50% -> ~90%; configs/dpo.py).
+                              held-out implicit-reward accuracy (50% -> ~85-90%; configs/dpo.py).
   reward_model                a reward model learns a hidden preference rule (held-out
                               pairwise accuracy ~50% -> ~90%; see configs/reward_model.py).
   reward_model_length_biased  the same on data where the chosen answer is always longer.
