@@ -1,6 +1,8 @@
 """The KV-cache sampler: consistency with the full forward (greedy and teacher-forced
 log-probs), controls, stops, bucketing, and the sharded mesh."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,3 +186,16 @@ def test_config_errors(model):
     SamplingConfig(temperature=-1.0)
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     Sampler(model, pad_id=PAD).generate([[1], []], SamplingConfig(max_new_tokens=2))
+
+
+def test_sync_reuses_programs_and_follows_new_weights(model):
+  s = Sampler(model, pad_id=PAD)
+  cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
+  before = s.generate(PROMPTS, cfg)
+  other = init_model(model.cfg, 7)
+  got = s.sync(other).generate(PROMPTS, cfg)
+  assert s.num_compiles == 1
+  assert got.tokens.tolist() == greedy_generate(other, PROMPTS, max_new_tokens=6, pad_id=PAD)
+  assert got.tokens.tolist() != before.tokens.tolist()
+  with pytest.raises(ValueError, match="structure differs"):
+    s.sync(init_model(dataclasses.replace(model.cfg, num_layers=1)))

@@ -213,6 +213,15 @@ class Sampler:
     self.row_multiple = row_multiple
     self._programs: dict = {}
 
+  def sync(self, model) -> "Sampler":
+    """Samples from `model`'s current weights from now on (same architecture and sharding,
+    e.g. the policy after an optimizer step): the compiled programs are reused."""
+    graphdef, self.state = nnx.split(model)
+    if graphdef != self.graphdef:
+      raise ValueError("Sampler.sync: the model's structure differs from the sampler's; "
+                       "build a new Sampler for a different model.")
+    return self
+
   @property
   def num_compiles(self) -> int:
     return len(self._programs)

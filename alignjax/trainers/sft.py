@@ -13,7 +13,7 @@ from alignjax.data import synthetic
 from alignjax.losses import token as token_losses
 from alignjax.losses.logprobs import shift_targets, token_kl, token_logprobs
 from alignjax.losses.sft import sft_cross_entropy
-from alignjax.sampling import greedy_generate
+from alignjax.sampling import Sampler, SamplingConfig
 from alignjax.trainers import common, loop
 
 
@@ -55,15 +55,20 @@ def make_loss_fn(chunk_size: int, loss: str = "nll", asft_lam: float = 0.1):
   return loss_fn
 
 
-def arithmetic_accuracy(model, tokenizer, examples, max_new_tokens: int = 0) -> float:
-  """Exact-match accuracy of greedy answers on (prompt, answer) pairs.
-  `max_new_tokens` 0: the longest answer's length + 1 (for the end token)."""
+def arithmetic_accuracy(model, tokenizer, examples, max_new_tokens: int = 0,
+                        sampler: Sampler | None = None) -> float:
+  """Exact-match accuracy of greedy answers (KV-cache sampler, stopping at eos) on (prompt,
+  answer) pairs. `max_new_tokens` 0: the longest answer's length + 1 (for the end token).
+  Pass a `sampler` to reuse its compiled programs across evaluations (it is synced to
+  `model`)."""
   if max_new_tokens <= 0:
     max_new_tokens = max(len(tokenizer.encode(a)) for _, a in examples) + 1
   prompts = [tokenizer.encode(p, add_bos=tokenizer.add_bos_token) for p, _ in examples]
-  outs = greedy_generate(model, prompts, max_new_tokens=max_new_tokens,
-                         pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
-  answers = [tokenizer.decode(o) for o in outs]
+  sampler = sampler.sync(model) if sampler is not None else Sampler(model, pad_id=tokenizer.pad_id)
+  stop = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+  out = sampler.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                 stop_ids=stop))
+  answers = [tokenizer.decode([t for t in row if t not in stop]) for row in out.completions()]
   return sum(a.strip() == ans for a, (_, ans) in zip(answers, examples)) / len(examples)
 
 
@@ -86,9 +91,13 @@ def build_task(config, tokenizer=None) -> loop.Task:
     examples = synthetic.arithmetic_eval_examples(
         config.sft.eval_examples, config.seed, max_digits=opts.max_digits, ops=opts.ops)
 
+    samplers = []  # one Sampler, created on first use, keeps its compiled programs
+
     def evaluate(model, step):
+      if not samplers:
+        samplers.append(Sampler(model, pad_id=tokenizer.pad_id))
       return {"eval_accuracy": arithmetic_accuracy(model, tokenizer, examples,
-                                                   config.sft.max_new_tokens)}
+                                                   config.sft.max_new_tokens, samplers[0])}
 
   return loop.Task(
       build_model=lambda mesh, rules: common.build_model(config, cfg, mesh, rules),
