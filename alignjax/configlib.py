@@ -142,8 +142,13 @@ def _generate_config():
   return generate_config()
 
 
+def _rl_config():
+  from alignjax.trainers.rl import rl_config
+  return rl_config()
+
+
 _TASK_SECTIONS = {"sft": sft_config, "ref_logps": _ref_logps_config,
-                  "generate": _generate_config}
+                  "generate": _generate_config, "rl": _rl_config}
 
 
 def base_config(task: str) -> ml_collections.ConfigDict:

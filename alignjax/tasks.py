@@ -13,6 +13,7 @@ TASKS = {
     "dpo": "alignjax.trainers.dpo:run",
     "ref_logps": "alignjax.trainers.ref_logps:run",
     "generate": "alignjax.sampling.task:run",
+    "rl": "alignjax.trainers.rl:run",
     "pipeline": "alignjax.pipeline:run",
 }
 

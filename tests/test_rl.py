@@ -1,0 +1,214 @@
+"""The RL trainer (task=rl): array layout, the loss against a float64 full-logits computation,
+exactness across micro-batches and meshes, unscorable rewards, dynamic sampling, resume, and
+each shipped config running at tiny size."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from alignjax import configlib, parallel
+from alignjax.models.presets import get_preset
+from alignjax.models.transformer import init_model
+from alignjax.rewards import registry as reward_registry
+from alignjax.trainers import loop
+from alignjax.trainers import rl
+from alignjax.trainers.optim import make_optimizer
+from tests import rm_helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAD = 0
+
+
+def test_sequences_layout():
+  arr = rl.sequences([[5, 6, 7], [8]], np.array([[1, 2, 0], [3, 0, 0]]), np.array([2, 1]), PAD)
+  p = arr["tokens"].shape[1] - 3
+  assert arr["tokens"][0, p - 3:].tolist() == [5, 6, 7, 1, 2, 0]
+  assert arr["tokens"][1, p - 1:].tolist() == [8, 3, 0, 0]
+  assert arr["mask"].tolist() == [[1, 1, 0], [1, 0, 0]]
+  assert arr["positions"][0, p - 3:p + 2].tolist() == [0, 1, 2, 3, 4]
+  assert arr["positions"][1, p - 1:p + 1].tolist() == [0, 1]
+  assert arr["segment_ids"][1].tolist() == [0] * (p - 1) + [1, 1, 0, 0]
+
+
+def _resolved(**kw):
+  c = rl.rl_config("grpo")
+  for k, v in kw.items():
+    c[k] = v
+  return rl.resolve(c)
+
+
+def _batch(model, rng, n=4, t=5):
+  prompts = [list(rng.integers(1, 60, size=int(rng.integers(2, 6)))) for _ in range(n)]
+  toks = rng.integers(1, 60, size=(n, t))
+  lengths = np.array([5, 3, 4, 1])[:n]
+  arr = rl.sequences(prompts, toks, lengths, PAD)
+  arr["old"] = (rng.normal(size=(n, t)) * 0.3 - 4.0).astype(np.float32)
+  arr["ref"] = (rng.normal(size=(n, t)) * 0.3 - 4.0).astype(np.float32)
+  arr["A"] = rng.normal(size=(n,)).astype(np.float32)
+  return arr
+
+
+def _full_logp(model, arr, temperature):
+  logits = np.asarray(model(jnp.asarray(arr["tokens"]), jnp.asarray(arr["positions"]),
+                            jnp.asarray(arr["segment_ids"])), np.float64) / temperature
+  t = arr["completion"].shape[1]
+  p = arr["tokens"].shape[1] - t
+  z = logits[:, p - 1:p - 1 + t]
+  lse = np.log(np.sum(np.exp(z - z.max(-1, keepdims=True)), -1)) + z.max(-1)
+  logp_all = z - lse[..., None]
+  logp = np.take_along_axis(logp_all, arr["completion"][..., None], -1)[..., 0]
+  ent = -np.sum(np.exp(logp_all) * logp_all, -1)
+  return logp, ent
+
+
+def test_loss_matches_float64_full_logits():
+  """PPO-clip (.2/.28), seq-mean-token-mean, k3 KL in the loss, entropy bonus, temperature."""
+  model = init_model(get_preset("tiny", vocab_size=64, init_std=0.3), 0)
+  rng = np.random.default_rng(0)
+  arr = _batch(model, rng)
+  logp, ent = _full_logp(model, arr, 0.7)
+  arr["old"] = (logp + rng.normal(size=logp.shape) * 0.3).astype(np.float32)
+  arr["ref"] = (logp + rng.normal(size=logp.shape) * 0.3).astype(np.float32)
+  r = _resolved(kl_coef=0.1, entropy_coef=0.01, policy_loss_params={"eps_hi": 0.28})
+  fn = rl.make_loss_fn(r, temperature=0.7, chunk_size=4, vocab_chunk_size=None, grad_accum=1)
+  trainer = object.__new__(rl.RLTrainer)
+  trainer.r = r
+  arr.update(trainer._denominators(arr))
+  loss, denom, metrics = fn(model, {k: jnp.asarray(v) for k, v in arr.items()},
+                            {"kl_coef": jnp.float32(0.1)})
+  m = arr["mask"].astype(np.float64)
+  a = arr["A"][:, None].astype(np.float64)
+  rho = np.exp(logp - arr["old"])
+  l = np.maximum(-a * rho, -a * np.clip(rho, 0.8, 1.28))
+  x = arr["ref"] - logp
+  k3 = np.exp(x) - x - 1
+  seq = lambda v: np.sum(np.sum(v * m, 1) / np.maximum(m.sum(1), 1)) / np.sum(m.sum(1) > 0)
+  want = seq(l) + 0.1 * seq(k3) - 0.01 * seq(ent)
+  np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
+  assert float(denom) == 1.0
+  np.testing.assert_allclose(float(metrics["entropy"]), np.sum(ent * m) / m.sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["kl"]), np.sum(k3 * m) / m.sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
+def test_step_exact_across_microbatches_and_mesh(mode):
+  """One optimizer step: grad_accum 1 on one device == grad_accum 4 == sharded on (2,2,2)."""
+  cfg = get_preset("tiny", vocab_size=64, init_std=0.3)
+  rng = np.random.default_rng(1)
+  r = _resolved(aggregation=mode, kl_coef=0.05)
+  trainer = object.__new__(rl.RLTrainer)
+  trainer.r = r
+  arrays = [_batch(None, rng) for _ in range(2)]
+  arr = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
+  arr.update(trainer._denominators(arr))
+  cc = configlib.optimizer_config()
+  cc.name, cc.learning_rate, cc.schedule = "sgd", 1.0, "constant"  # params move by -grad
+  tx, sched = make_optimizer(cc, 10)
+
+  def run(mesh, ga):
+    fn = rl.make_loss_fn(r, temperature=1.0, chunk_size=8, vocab_chunk_size=None, grad_accum=ga)
+    with parallel.use_mesh(mesh):
+      model = parallel.create_sharded(lambda: init_model(cfg, 0), mesh)
+      gd, params = nnx.split(model)
+      state = loop.init_state(params, tx, mesh, None, 0, {"kl_coef": jnp.float32(0.05)})
+      step = jax.jit(loop.make_train_step(gd, fn, tx, sched, ga))
+      state, m = step(state, rl.place(arr, mesh, None))
+      return jax.device_get(state.params), jax.device_get(m)
+
+  single = parallel.make_mesh(rm_helpers.SINGLE, jax.devices()[:1])
+  p1, m1 = run(single, 1)
+  for mesh, ga in ((single, 4), (parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), 2)):
+    p2, m2 = run(mesh, ga)
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m2["kl"], m1["kl"], rtol=1e-4, atol=1e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-7), p1, p2)
+
+
+def _config(tmp, algorithm="grpo", steps=2, **rl_kw):
+  c = configlib.load_config_file(os.path.join(REPO, "configs", "grpo.py"),
+                                 f"algorithm={algorithm},steps={steps},prompts=4,group=4,"
+                                 "max_new_tokens=4,eval_examples=8")
+  c.train.progress_bar = False
+  c.train.log_every = 1
+  for k, v in rl_kw.items():
+    c.rl[k] = v
+  return c
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo", "rloo", "raft", "online_dpo"])
+def test_algorithms_run_at_tiny_size(tmp_path, algorithm):
+  summary = rl.RLTrainer(_config(tmp_path, algorithm), str(tmp_path)).run()
+  assert np.isfinite(summary["loss"]) and "eval_accuracy" in summary
+  assert summary["num_compiles_sampler"] <= 2   # rollouts + greedy evaluation
+  if algorithm == "ppo":
+    assert np.isfinite(summary["value_loss"])
+
+
+_CALLS = []
+
+
+@reward_registry.register("_test_flaky_reward")
+def _flaky(prompts, completions, fields):
+  _CALLS.append(len(prompts))
+  if len(prompts) > 1:
+    raise RuntimeError("batch failure")
+  g = fields["group"][0]
+  return [float("nan") if g == 0 else (1.0 if len(completions[0]) % 2 else 0.0)]
+
+
+def test_unscorable_rewards_get_zero_advantage(tmp_path):
+  trainer = rl.RLTrainer(_config(tmp_path, rewards="_test_flaky_reward"), str(tmp_path))
+  with parallel.use_mesh(trainer.mesh, trainer.rules):
+    state = trainer.build()
+    arrays, host, metrics = trainer.rollout(state, 0)
+    arrays = trainer.prepare(state, arrays, host, metrics)
+  assert metrics["num_unscorable/_test_flaky_reward"] == 4     # group 0: 4 samples
+  assert np.all(np.isnan(host["rewards"][0]))
+  np.testing.assert_array_equal(arrays["A"][:4], 0.0)
+  r = host["rewards"][1:]
+  mu, sd = r.mean(1, keepdims=True), r.std(1, ddof=1, keepdims=True)
+  want = np.where(sd > 0, (r - mu) / (sd + 1e-6), 0.0)
+  np.testing.assert_allclose(arrays["A"][4:], want.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_sampling_drops_flat_groups(tmp_path):
+  c = _config(tmp_path, "dapo")
+  c.rl.max_gen_batches = 2
+  trainer = rl.RLTrainer(c, str(tmp_path))
+  with parallel.use_mesh(trainer.mesh, trainer.rules):
+    state = trainer.build()
+    arrays, host, metrics = trainer.rollout(state, 0)
+  rew = host["rewards"]
+  kept = int(metrics["num_kept_groups"])
+  assert all(np.nanstd(rew[i]) > 0 for i in range(min(kept, 4)))
+  # Padding groups (if too few were kept) carry no tokens.
+  assert arrays["mask"][kept * 4:].sum() == 0
+
+
+def test_resume_continues_exactly(tmp_path):
+  full = rl.RLTrainer(_config(tmp_path, steps=3), str(tmp_path / "a")).run()
+  c = _config(tmp_path, steps=3)
+  c.checkpoint.every = 1
+  part = _config(tmp_path, steps=2)
+  part.checkpoint.every = 1
+  rl.RLTrainer(part, str(tmp_path / "b")).run()
+  resumed = rl.RLTrainer(c, str(tmp_path / "b")).run()
+  for k in ("loss", "reward", "entropy"):
+    np.testing.assert_allclose(resumed[k], full[k], rtol=1e-5)
+
+
+def test_bad_config_errors_name_the_key(tmp_path):
+  with pytest.raises(ValueError, match="config.rl.algorithm"):
+    rl.check_config(_config(tmp_path, algorithm="nope"))
+  with pytest.raises(ValueError, match="config.rl.policy_loss_params.bogus"):
+    rl.check_config(_config(tmp_path, policy_loss_params={"bogus": 1}))
+  with pytest.raises(ValueError, match="rl.rewards"):
+    rl.check_config(_config(tmp_path, rewards="no_such_reward"))
+  with pytest.raises(ValueError, match="mini_batches"):
+    rl.check_config(_config(tmp_path, mini_batches=3))
