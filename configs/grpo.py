@@ -39,6 +39,9 @@ def get_config(arg=None):
   c.rl.mini_batches = args.mini_batches
   c.rl.eval_examples = args.eval_examples
   c.rl.rewards = "math_reward"
+  if args.algorithm in ("raft", "superhf"):
+    c.rl.raft_tau = 0.5  # 0/1 reward: fine-tune only on correct samples, never a group's
+                         # "best" wrong one
   c.data = default_data_config()
   if args.prompts_file:
     c.data.train_files = args.prompts_file
@@ -47,9 +50,8 @@ def get_config(arg=None):
     c.data.arithmetic.max_digits = args.digits
   c.optimizer.learning_rate = args.lr
   c.optimizer.schedule = "constant"
-  c.optimizer.warmup_steps = 0
+  c.optimizer.warmup_steps = min(10, args.steps // 10)
   c.optimizer.weight_decay = 0.0
-  c.optimizer.b2 = 0.98
   c.train.num_steps = args.steps
   c.train.log_every = 5
   c.train.eval_every = 0

@@ -23,9 +23,12 @@ def _quiet(c, steps):
 def test_default_pipeline_stages_and_length_bias_flag(tmp_path):
   c = configlib.load_config_file(os.path.join(REPO, "configs", "default.py"),
                                  "steps=3,rm_steps=250")
-  assert c.stages == ("sft", "dpo", "reward_model", "reward_model_length_biased", "eval_rm")
+  assert c.stages == ("sft", "grpo", "dpo", "reward_model", "reward_model_length_biased",
+                      "eval_rm")
   _quiet(c.sft, 3)
   c.sft.sft.eval_examples = 2
+  _quiet(c.grpo, 1)  # starts from {workdir}/sft
+  c.grpo.rl.num_prompts, c.grpo.rl.group_size, c.grpo.rl.eval_examples = 4, 4, 4
   _quiet(c.dpo, 2)   # starts from {workdir}/sft
   _quiet(c.reward_model, 3)
   # The biased reward model: trained long enough to learn "longer is better".
@@ -36,6 +39,7 @@ def test_default_pipeline_stages_and_length_bias_flag(tmp_path):
   results = tasks.run_task(c, str(tmp_path))
   assert set(results) == set(c.stages)
   assert 0.0 <= results["dpo"]["eval_accuracy"] <= 1.0
+  assert 0.0 <= results["grpo"]["eval_accuracy"] <= 1.0
   ev = results["eval_rm"]
   assert ev["reward_model_length_biased"]["length_bias"]["flag"]["flag"] is True
   for name in ("reward_model", "reward_model_length_biased"):

@@ -77,7 +77,7 @@ ALGORITHMS = {
                  aggregation="seq-mean-token-mean"),
     "rloo": dict(advantage="rloo_adv", policy_loss="ppo", aggregation="token-mean"),
     "reinforce_pp": dict(advantage="reinforce_pp_adv", policy_loss="ppo",
-                         aggregation="token-mean"),
+                         aggregation="token-mean", kl_in_reward_coef=0.01),
     "reinforce_pp_baseline": dict(advantage="reinforce_pp_baseline_adv",
                                   policy_loss="ppo", aggregation="token-mean"),
     "remax": dict(advantage="remax_adv", policy_loss="ppo", aggregation="token-mean"),
@@ -105,7 +105,7 @@ def rl_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
       top_k=0, top_p=1.0, min_p=0.0,
       chat_template="auto",       # auto | always | never (prompt records; see sampling/task.py)
       # Rewards: a list of {"name", "weight", "params", "alias"} or "a,b:0.5" (docs/rewards.md).
-      rewards="math_reward",
+      rewards=ml_collections.FieldReference("math_reward", field_type=object),
       reward_whiten=False,        # whiten the combined reward over the batch (NaN-aware)
       # Estimator and objective.
       advantage="",               # a name in alignjax/rl/advantages.py ("": recipe)
@@ -149,11 +149,13 @@ def rl_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
       lam=0.95,
       # RAFT / SuperHF / online DPO.
       raft_k=1,
-      raft_tau=None,
+      raft_tau=ml_collections.FieldReference(None, field_type=object),
       superhf_beta=0.1,
       dpo_beta=0.1,
       # Evaluation (synthetic arithmetic: greedy exact match on held-out problems).
       eval_examples=200,
+      eval_samples=4,             # also sample k completions per held-out prompt at
+                                  # rl.temperature: eval_sampled_reward / _accuracy (0: off)
       logprob_batch_size=0,       # rows per forward when computing old / ref log-probs (0: all)
   ))
 
@@ -197,15 +199,16 @@ def check_config(config) -> dict:
         if p not in known:
           raise ValueError(f"config.rl.{key}.{p}: {fn.__name__} has no parameter {p!r}; "
                            f"its parameters: {sorted(known)}.")
-    if adv_lib.required_inputs(r["advantage"]).count("r_multi"):
-      raise ValueError("config.rl.advantage=gdpo_adv needs per-reward columns: not wired into "
-                       "the trainer yet; combine rewards with weights instead.")
   if r["kl_estimator"] not in _KL:
     _bad("kl_estimator", r["kl_estimator"], sorted(_KL))
   if r["kl_in_reward_estimator"] not in _KL:
     _bad("kl_in_reward_estimator", r["kl_in_reward_estimator"], sorted(_KL))
   if r["old_logprobs"] not in ("recompute", "sampler"):
     _bad("old_logprobs", r["old_logprobs"], ("recompute", "sampler"))
+  if r["old_logprobs"] == "sampler" and (r["top_k"] or r["top_p"] < 1 or r["min_p"] > 0):
+    raise ValueError("config.rl.old_logprobs='sampler' needs an unfiltered sampling "
+                     "distribution (top_k=0, top_p=1, min_p=0): the sampler's log-probs are "
+                     "then the policy's at rl.temperature. Use 'recompute' with filters.")
   if r["rollout_is"] not in ("", "tis", "mis"):
     _bad("rollout_is", r["rollout_is"], ("", "tis", "mis"))
   if r["overlong"] not in ("", "soft", "buffer"):
@@ -471,8 +474,9 @@ class RLTrainer:
     self.policy_graphdef = nnx.graphdef(policy)
     graphdef, params = nnx.split(model)
     self.graphdef = graphdef
-    kl0 = self.r["kl_coef"] if self.r["kl_coef"] > 0 else self.r["kl_in_reward_coef"]
-    frozen = {"ref": ref, "kl_coef": jnp.asarray(kl0, f32)}
+    # KL coefficients live in the train state (checkpointed; adapted by adaptive KL).
+    frozen = {"ref": ref, "kl_coef": jnp.asarray(self.r["kl_coef"], f32),
+              "kl_reward_coef": jnp.asarray(self.r["kl_in_reward_coef"], f32)}
     state = loop.init_state(params, self.tx, mesh, rules, config.seed, frozen)
     self.sampler = Sampler(_policy(model), pad_id=self.tok.pad_id, mesh=mesh, rules=rules)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
@@ -546,6 +550,10 @@ class RLTrainer:
       score_time += time.perf_counter() - ts
       if round_ == 0:
         metrics.update(res.metrics())
+        for k, name in enumerate(res.names):
+          col = res.values[:, k]
+          metrics[f"reward_std/{name}"] = float(np.nanstd(col)) if np.isfinite(col).any() \
+              else math.nan
         metrics["reward"] = float(np.nanmean(total)) if np.isfinite(total).any() else math.nan
         metrics["num_unscorable"] = int(np.sum(~np.isfinite(total)))
       lengths = out.lengths.astype(np.float64)
@@ -564,7 +572,7 @@ class RLTrainer:
       for i in np.nonzero(keep)[0]:
         rows = slice(i * g, (i + 1) * g)
         kept.append((records[i], prompts[i], out.tokens[rows], out.lengths[rows],
-                     out.truncated[rows], out.logprobs[rows], rg[i]))
+                     out.truncated[rows], out.logprobs[rows], rg[i], res.values[rows]))
       if len(kept) >= b:
         break
     gen_time = time.perf_counter() - t0 - score_time
@@ -576,7 +584,7 @@ class RLTrainer:
       for i in range(b):
         rows = slice(i * g, (i + 1) * g)
         kept.append((records[i], prompts[i], out.tokens[rows], out.lengths[rows],
-                     out.truncated[rows], out.logprobs[rows], rg[i]))
+                     out.truncated[rows], out.logprobs[rows], rg[i], res.values[rows]))
     while len(kept) < b:   # static shapes: repeat groups, masked out below
       kept.append(kept[len(kept) % max(valid_groups, 1)])
     kept = kept[:b]
@@ -592,7 +600,9 @@ class RLTrainer:
     if r["truncation_mask"]:
       arrays["mask"] = arrays["mask"] * ~truncated[:, None]
     arrays["mask"] = arrays["mask"] * group_ok[:, None]
-    host = dict(rewards=rewards, lengths=lengths.astype(np.float32), samp=samp,
+    columns = np.stack([k[7] for k in kept])               # [B,G,K] per reward function
+    host = dict(rewards=rewards, columns=columns, weights=res.weights,
+                lengths=lengths.astype(np.float32), samp=samp,
                 truncated=truncated, prompts=[k[0] for k in kept for _ in range(g)])
     metrics.update(response_length=float(lengths.mean()),
                    truncated_frac=float(truncated.mean()),
@@ -630,7 +640,7 @@ class RLTrainer:
       kl_tok = np.where(m != 0, arrays["old"] - arrays["ref"], 0.0).astype(np.float32)
     if r["objective"] == "policy":
       self._state_for_baseline, self._step = state, step
-      a = self._advantages(rew, arrays, host, kl_tok, float(state.frozen["kl_coef"]))
+      a = self._advantages(rew, arrays, host, kl_tok, float(state.frozen["kl_reward_coef"]))
       if r["stable_adv_filter"]:
         a_seq = a if a.ndim == 1 else a[:, 0]
         keep = np.asarray(adv_lib.stable_adv_filter(
@@ -657,6 +667,11 @@ class RLTrainer:
     n, t = m.shape
     scorable = np.isfinite(rew.reshape(-1))
     need = adv_lib.required_inputs(fn)
+    if (r["kl_in_reward_coef"] > 0 and kl_tok is not None and "token_rewards" not in need
+        and "kl" not in need):  # sequence-level: r -= beta * sum_t KL_t (TRL's RLOO)
+      pen = np.asarray(obj.kl_penalty_in_reward(arrays["old"], arrays["ref"], m, beta=kl_coef,
+                                                estimator=r["kl_in_reward_estimator"]))
+      rew = rew - pen.sum(1).reshape(rew.shape)
     if adv_lib.is_token_level(fn):  # unscorable rows: out of the whitening statistics, A = 0
       m = m * scorable[:, None]
     inputs = dict(r=jnp.asarray(rew), mask=jnp.asarray(m), lengths=jnp.asarray(host["lengths"]))
@@ -674,6 +689,8 @@ class RLTrainer:
       inputs["token_rewards"] = jnp.asarray(tr)
     if "values" in need:
       inputs["values"] = jnp.asarray(arrays["values"])
+    if "r_multi" in need:  # GDPO: each reward function normalised in its group, then summed
+      inputs["r_multi"] = jnp.asarray(host["columns"], f32)
     if "baseline" in need:  # ReMax: the reward of one greedy rollout per prompt
       records = host["prompts"][::r["group_size"]]
       _, greedy = self._generate(self._state_for_baseline, records, self._step, 7, 1,
@@ -681,6 +698,8 @@ class RLTrainer:
       base, _, _ = self._score(records, greedy, 1)
       inputs["baseline"] = jnp.asarray(np.nan_to_num(base, nan=0.0), f32)
     params = dict(r["advantage_params"])
+    if "r_multi" in need and "weights" not in params:
+      params["weights"] = tuple(float(w) for w in host["weights"])
     if r["advantage"] == "reinforce_pp_adv" and "beta" not in params:
       params["beta"] = kl_coef
     a = np.asarray(fn(**{k: inputs[k] for k in need}, **params))
@@ -761,6 +780,15 @@ class RLTrainer:
     if self.config.data.get("synthetic", "") == "arithmetic":
       result["eval_accuracy"] = float(np.mean([t.strip() == rec["answer"]
                                                for t, rec in zip(texts, records)]))
+    k = r["eval_samples"]
+    if k > 0 and r["temperature"] > 0:  # pass@1 of the sampling policy, mean over k samples
+      _, out = self._generate(state, records, 0, 98, k)
+      total, _, texts = self._score(records, out, k)
+      result["eval_sampled_reward"] = float(np.nanmean(total)) if np.isfinite(total).any() \
+          else math.nan
+      if self.config.data.get("synthetic", "") == "arithmetic":
+        result["eval_sampled_accuracy"] = float(np.mean(
+            [t.strip() == records[i // k]["answer"] for i, t in enumerate(texts)]))
     return result
 
   def adapt_kl(self, state, metrics):
@@ -768,10 +796,11 @@ class RLTrainer:
     if r["adaptive_kl_target"] <= 0 or "kl" not in metrics:
       return state
     n_steps = r["num_prompts"] * r["group_size"]
-    beta = obj.adaptive_kl_update(state.frozen["kl_coef"], metrics["kl"], n_steps,
+    key = "kl_reward_coef" if r["kl_in_reward_coef"] > 0 else "kl_coef"
+    beta = obj.adaptive_kl_update(state.frozen[key], metrics["kl"], n_steps,
                                   target=r["adaptive_kl_target"], horizon=r["adaptive_kl_horizon"])
-    metrics["kl_coef"] = float(beta)
-    frozen = dict(state.frozen, kl_coef=jnp.asarray(beta, f32))
+    metrics[key] = float(beta)
+    frozen = dict(state.frozen, **{key: jnp.asarray(beta, f32)})
     return state.replace(frozen=frozen)
 
   def reset_reference(self, state, step):
@@ -871,7 +900,15 @@ def run(config, workdir: str) -> dict:
   if "eval_accuracy" in summary and jax.process_index() == 0:
     before = summary.get("initial_eval_accuracy")
     algo = config.rl.algorithm
-    print(f"{algo} held-out accuracy: before {before:.1%}, after {summary['eval_accuracy']:.1%} "
-          f"({config.rl.eval_examples} problems never seen in training)" if before is not None
-          else f"{algo} held-out accuracy: {summary['eval_accuracy']:.1%}", flush=True)
+    n = config.rl.eval_examples
+    print(f"{algo} held-out accuracy (greedy): before {before:.1%}, after "
+          f"{summary['eval_accuracy']:.1%} ({n} problems never seen in training)"
+          if before is not None else f"{algo} held-out accuracy (greedy): "
+          f"{summary['eval_accuracy']:.1%}", flush=True)
+    if "eval_sampled_accuracy" in summary:
+      b = summary.get("initial_eval_sampled_accuracy")
+      print(f"{algo} held-out accuracy (sampled at temperature {config.rl.temperature}, "
+            f"{config.rl.eval_samples} per problem): "
+            + (f"before {b:.1%}, after " if b is not None else "")
+            + f"{summary['eval_sampled_accuracy']:.1%}", flush=True)
   return summary
