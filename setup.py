@@ -29,7 +29,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
     },
     entry_points={"console_scripts": ["alignjax=alignjax.main:run"]},
 )

@@ -73,7 +73,7 @@ def main():
   print(f"RL step split: {a.algorithm}, preset {a.preset} ({n / 1e6:.2f}M parameters), "
         f"{a.prompts} prompts x {a.group} samples, <= {a.max_new_tokens} new tokens, "
         f"kl_coef {a.kl}; mean of {a.steps} steps after {a.warmup} warm-up")
-  print(f"| phase | s/step | share | tokens/s |\n| --- | --- | --- | --- |")
+  print("| phase | s/step | share | tokens/s |\n| --- | --- | --- | --- |")
   for name, k, tok in phases:
     tps = f"{mean(tok) / max(mean(k), 1e-9):.0f}" if tok else "-"
     print(f"| {name} | {mean(k):.3f} | {mean(k) / total:.0%} | {tps} |")

@@ -4,11 +4,13 @@ python -m alignjax.main --config=configs/default.py --workdir=/tmp/alignjax_defa
 
 Stages (each in <workdir>/<stage>):
   sft                         a tiny transformer learns multi-digit addition from scratch, for
-                              a short warm start (held-out exact-match accuracy 0% -> ~55-60%).
+                              a short warm start (held-out exact-match accuracy 0% -> 57%).
   grpo                        GRPO from the SFT model against the verifiable reward (exact
-                              sum); held-out greedy accuracy before and after (configs/grpo.py).
+                              sum), 150 RL steps of 64 problems x 8 samples, 4 epochs x 2
+                              mini-batches (configs/grpo.py): held-out greedy accuracy
+                              57% -> 69%, sampled at temperature 1 16% -> 56%.
   dpo                         DPO from the SFT model on pairs (correct sum vs. a near miss);
-                              held-out implicit-reward accuracy (50% -> ~85-90%; configs/dpo.py).
+                              held-out implicit-reward accuracy (50% -> ~86%; configs/dpo.py).
   reward_model                a reward model learns a hidden preference rule (held-out
                               pairwise accuracy ~50% -> ~90%; see configs/reward_model.py).
   reward_model_length_biased  the same on data where the chosen answer is always longer.

@@ -29,6 +29,7 @@ def test_default_pipeline_stages_and_length_bias_flag(tmp_path):
   c.sft.sft.eval_examples = 2
   _quiet(c.grpo, 1)  # starts from {workdir}/sft
   c.grpo.rl.num_prompts, c.grpo.rl.group_size, c.grpo.rl.eval_examples = 4, 4, 4
+  c.grpo.rl.eval_samples = 0
   _quiet(c.dpo, 2)   # starts from {workdir}/sft
   _quiet(c.reward_model, 3)
   # The biased reward model: trained long enough to learn "longer is better".

@@ -2,8 +2,6 @@
 exactness across micro-batches and meshes, unscorable rewards, dynamic sampling, resume, and
 each shipped config running at tiny size."""
 
-import functools
-import json
 import os
 
 import jax
@@ -137,6 +135,7 @@ def _config(tmp, algorithm="grpo", steps=2, file="grpo.py", **rl_kw):
   c = configlib.load_config_file(os.path.join(REPO, "configs", file), arg)
   c.train.progress_bar = False
   c.train.log_every = 1
+  c.rl.eval_samples = 0
   for k, v in rl_kw.items():
     c.rl[k] = v
   return c
@@ -146,7 +145,7 @@ def _config(tmp, algorithm="grpo", steps=2, file="grpo.py", **rl_kw):
                                             ("rloo.py", "rloo"), ("raft.py", "raft"),
                                             ("grpo.py", "online_dpo")])
 def test_configs_run_at_tiny_size(tmp_path, file, algorithm):
-  c = _config(tmp_path, algorithm, file=file)
+  c = _config(tmp_path, algorithm, steps=1, file=file)
   assert c.rl.algorithm == algorithm
   summary = rl.RLTrainer(c, str(tmp_path)).run()
   assert np.isfinite(summary["loss"]) and "eval_accuracy" in summary
@@ -197,10 +196,10 @@ def test_dynamic_sampling_drops_flat_groups(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-  full = rl.RLTrainer(_config(tmp_path, steps=3), str(tmp_path / "a")).run()
-  c = _config(tmp_path, steps=3)
+  full = rl.RLTrainer(_config(tmp_path, steps=2, eval_examples=0), str(tmp_path / "a")).run()
+  c = _config(tmp_path, steps=2, eval_examples=0)
   c.checkpoint.every = 1
-  part = _config(tmp_path, steps=2)
+  part = _config(tmp_path, steps=1, eval_examples=0)
   part.checkpoint.every = 1
   rl.RLTrainer(part, str(tmp_path / "b")).run()
   resumed = rl.RLTrainer(c, str(tmp_path / "b")).run()
@@ -266,3 +265,29 @@ def test_prepare_kl_in_reward_and_gdpo(tmp_path):
   from alignjax.rl import advantages as adv_lib
   want = adv_lib.gdpo_adv(jnp.asarray(host["columns"]), weights=(1.0, 0.5))
   np.testing.assert_allclose(arrays["A"], np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_reward_transforms_pipeline(tmp_path):
+  """rl.reward_transforms: lsc_transform against reference-policy samples (cached per prompt),
+  then pareto_select as loss weights; the result equals the formulas on the scored columns."""
+  rewards = [{"name": "length_penalty", "params": {"lmax": 4}},
+             {"name": "format_reward", "weight": 0.5, "params": {"pattern": r"\d+"}}]
+  c = _config(tmp_path, rewards=rewards, ref_reward_samples=2,
+              reward_transforms=[{"name": "lsc_transform"}, "pareto_select"])
+  trainer = rl.RLTrainer(c, str(tmp_path))
+  with parallel.use_mesh(trainer.mesh, trainer.rules):
+    state = trainer.build()
+    arrays, host, metrics = trainer.rollout(state, 0)
+  cols = host["columns"].reshape(16, 2)
+  ref = np.stack([trainer._ref_rewards[rec["prompt"]] for rec in host["prompts"]])  # [16,2,2]
+  assert ref.shape == (16, 2, 2) and len(trainer._ref_rewards) == 4
+  u = -np.logaddexp(0.0, -(cols - np.nanmean(ref, 1)))
+  want = np.where(np.isnan(u), 0.0, u).sum(1)
+  np.testing.assert_allclose(host["rewards"].reshape(-1), want, rtol=1e-5, atol=1e-6)
+  # pareto front within each group (on the columns): rows off the front carry no tokens
+  for i in range(16):
+    grp = range(i // 4 * 4, i // 4 * 4 + 4)
+    dominated = any(np.all(cols[j] >= cols[i]) and np.any(cols[j] > cols[i]) for j in grp)
+    assert (arrays["mask"][i].sum() == 0) == dominated or host["lengths"][i] == 0
+  with pytest.raises(ValueError, match="reward_transforms"):
+    rl.check_config(_config(tmp_path, reward_transforms="dense_segment_reward"))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from alignjax.rl import advantages as adv
+from tests.rl_helpers import _jitted, groups, run
 
 # METHODS.md §3.7 anchor inputs.
 R_GOLD = np.array([[1, 0, .5, .5], [1, 1, 0, .25]])
@@ -42,24 +43,6 @@ def random_tokens(seed=0, n=B * G, t=T):
   lengths[5] = 0            # empty completion
   mask = (np.arange(t)[None, :] < lengths[:, None]).astype(float)
   return mask, lengths.astype(float), rng.normal(size=(n, t)) * .1, rng.normal(size=(n, t))
-
-
-def groups(r):
-  """(row, valid column indices, valid values) per group."""
-  for i, row in enumerate(r):
-    v = np.flatnonzero(np.isfinite(row))
-    yield i, v, row[v]
-
-
-@functools.cache
-def _jitted(fn, kw_items):
-  return jax.jit(functools.partial(fn, **dict(kw_items)))
-
-
-def run(fn, *args, **kw):
-  """jit(fn)(*args) with static keyword options, as numpy (one compile per fn, options, shape)."""
-  out = _jitted(fn, tuple(sorted(kw.items())))(*args)
-  return jax.tree.map(np.asarray, out)
 
 
 def run_inputs(fn, inputs):

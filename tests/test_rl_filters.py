@@ -1,13 +1,11 @@
 """DAPO extras and sample selection (METHODS.md §3.5, §3.6, §5) against numpy loops."""
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from alignjax.rl import filters
+from tests.rl_helpers import groups as valid_groups, run
 
 B, G = 7, 4
 
@@ -22,21 +20,6 @@ def random_rewards(seed=0):
   r[4] = [2, np.nan, 2, 0]        # ties at the top and NaN
   r[5] = [.2, .2, .2, .2] if seed else [0, 1, 1, 0]
   return r
-
-
-def valid_groups(r):
-  for i, row in enumerate(r):
-    v = np.flatnonzero(np.isfinite(row))
-    yield i, v, row[v]
-
-
-@functools.cache
-def _jitted(fn, kw_items):
-  return jax.jit(functools.partial(fn, **dict(kw_items)))
-
-
-def run(fn, *args, **kw):
-  return jax.tree.map(np.asarray, _jitted(fn, tuple(sorted(kw.items())))(*args))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -45,6 +45,7 @@ from alignjax.losses.logprobs import token_logprobs
 from alignjax.models.value import PolicyAndValue, ValueModel
 from alignjax.rewards import combine as reward_combine
 from alignjax.rewards import registry as reward_registry
+from alignjax.rewards import shaping
 from alignjax.rl import advantages as adv_lib
 from alignjax.rl import filters
 from alignjax.rl import objectives as obj
@@ -107,6 +108,12 @@ def rl_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
       # Rewards: a list of {"name", "weight", "params", "alias"} or "a,b:0.5" (docs/rewards.md).
       rewards=ml_collections.FieldReference("math_reward", field_type=object),
       reward_whiten=False,        # whiten the combined reward over the batch (NaN-aware)
+      # Reward transforms and combinators applied in order after the reward functions
+      # (alignjax/rewards/shaping.py, docs/reward_shaping.md): a list of {"name", "params"}
+      # or "a,b".
+      reward_transforms=ml_collections.FieldReference("", field_type=object),
+      ref_reward_samples=1,       # samples of the reference policy per prompt for `r_ref`
+      dataset_field="dataset",    # record field giving each prompt's dataset (median_norm)
       # Estimator and objective.
       advantage="",               # a name in alignjax/rl/advantages.py ("": recipe)
       advantage_params=ml_collections.ConfigDict(type_safe=False),
@@ -225,7 +232,18 @@ def check_config(config) -> dict:
   if r["objective"] in ("online_dpo",) and r["group_size"] < 2:
     raise ValueError("config.rl.group_size must be >= 2 for online_dpo (best vs worst).")
   reward_registry.parse_rewards(_rewards_value(config.rl.rewards))
+  for name, fn, _ in shaping.parse_transforms(_rewards_value(config.rl.reward_transforms)):
+    missing = [k for k in shaping.required_inputs(fn) if k not in _TRANSFORM_INPUTS]
+    if missing or shaping.output_of(fn) not in ("r", "R", "weights"):
+      raise ValueError(f"config.rl.reward_transforms: {name} needs {missing or 'an output'} "
+                       f"that the RL trainer does not provide (it passes "
+                       f"{sorted(_TRANSFORM_INPUTS)} and uses outputs r, R, weights); apply it "
+                       "in a reward function instead.")
   return r
+
+
+# What the trainer passes to reward transforms (alignjax/rewards/shaping.INPUTS).
+_TRANSFORM_INPUTS = ("r", "R", "group", "step", "key", "r_ref", "dataset", "state")
 
 
 def _bad(key, value, choices):
@@ -442,6 +460,11 @@ class RLTrainer:
       raise ValueError("The tokenizer has no eos token: completions could never stop.")
     self.cfg = common.model_config(config, self.tok.vocab_size)
     self.specs = reward_registry.parse_rewards(_rewards_value(config.rl.rewards))
+    self.transforms = shaping.parse_transforms(_rewards_value(config.rl.reward_transforms))
+    self.transform_states = None   # stateful transforms (host memory; see docs/rl.md)
+    self.needs_r_ref = any("r_ref" in shaping.required_inputs(fn) for _, fn, _ in self.transforms)
+    self._ref_rewards: dict = {}   # prompt -> [S, K] rewards of reference-policy samples
+    self._datasets: dict = {}
     self.train_src = PromptSource(config, "train")
     self.eval_src = PromptSource(config, "eval")
     tc = config.train
@@ -452,6 +475,7 @@ class RLTrainer:
                                             tc.num_steps * self.updates_per_step)
     r = self.r
     self.needs_ref = (r["objective"] in ("superhf", "online_dpo") or r["kl_coef"] > 0
+                      or self.needs_r_ref
                       or r["kl_in_reward_coef"] > 0
                       or "kl" in _adv_inputs(r) or "ref" in _pol_inputs(r))
     self.temperature = max(float(r["temperature"]), 1e-6) if r["temperature"] > 0 else 1.0
@@ -530,6 +554,58 @@ class RLTrainer:
     total = np.asarray(reward_combine.weighted_sum(res.values, res.weights), np.float64)
     return total, res, texts
 
+  def _reference_rewards(self, state, records):
+    """[B, S, K] rewards of `rl.ref_reward_samples` samples of the reference policy (the frozen
+    reference: the initial policy unless rl.reference_checkpoint), cached per prompt."""
+    todo = [rec for rec in records if rec.get("prompt", "") not in self._ref_rewards]
+    if todo:
+      s_ = self.r["ref_reward_samples"]
+      ref_model = nnx.merge(self.policy_graphdef, state.frozen["ref"])
+      prompts = [_encode(rec, self.tok, self.r["chat_template"]) for rec in todo]
+      cfg = SamplingConfig(max_new_tokens=self.r["max_new_tokens"],
+                           temperature=self.r["temperature"], top_k=self.r["top_k"],
+                           top_p=self.r["top_p"], min_p=self.r["min_p"], n=s_, seed=12345,
+                           stop_ids=(self.tok.eos_id,))
+      out = self.sampler.sync(ref_model).generate(prompts, cfg)
+      _, res, _ = self._score(todo, out, s_)
+      for i, rec in enumerate(todo):
+        self._ref_rewards[rec.get("prompt", "")] = res.values[i * s_:(i + 1) * s_]
+    return np.stack([self._ref_rewards[rec.get("prompt", "")] for rec in records])
+
+  def _transform(self, state, records, out, total, res, step, round_):
+    """rl.reward_transforms over this round's rewards: (combined reward [N], loss weights [N])."""
+    g = self.r["group_size"]
+    n = len(total)
+    inputs = dict(r=jnp.asarray(total, f32), R=jnp.asarray(res.values, f32),
+                  group=jnp.asarray(out.prompt_index, jnp.int32), step=jnp.int32(step),
+                  key=jax.random.key(int(np.random.default_rng([self.config.seed, step, round_,
+                                                                 41]).integers(2**31))))
+    field = self.r["dataset_field"]
+    ids = [self._datasets.setdefault(str(rec.get(field, "")), len(self._datasets))
+           for rec in records]
+    inputs["dataset"] = jnp.asarray(np.repeat(ids, g), jnp.int32)
+    states = list(self.transform_states or [None] * len(self.transforms))
+    weights = np.ones(n)
+    for i, (name, fn, params) in enumerate(self.transforms):
+      if "r_ref" in shaping.required_inputs(fn):
+        ref = self._reference_rewards(state, records)             # [B, S, K]
+        if name == "lsc_transform":   # per reward function: mean over reference samples
+          inputs["r_ref"] = jnp.asarray(np.repeat(np.nanmean(ref, 1), g, 0), f32)
+        else:                         # combined reward of each reference sample
+          comb = np.asarray(reward_combine.weighted_sum(ref.reshape(-1, ref.shape[-1]),
+                                                        res.weights)).reshape(ref.shape[:2])
+          inputs["r_ref"] = jnp.asarray(np.repeat(comb, g, 0), f32)
+      x, (st,) = shaping.run_pipeline([(name, fn, params)], inputs, [states[i]],
+                                      reward_weights=res.weights)
+      states[i] = st
+      if "weights" in x:
+        weights = weights * np.asarray(x.pop("weights"))
+      inputs.update({k: x[k] for k in ("r", "R") if k in x})
+    if self.needs_r_ref:
+      self.sampler.sync(self._policy_model(state))
+    self.transform_states = states
+    return np.asarray(inputs["r"], np.float64), weights
+
   def rollout(self, state, step: int) -> tuple[dict, dict]:
     """Samples, scores and (dynamic sampling) refills one RL step's groups; returns host
     arrays for the update and rollout metrics."""
@@ -547,6 +623,9 @@ class RLTrainer:
       gen_tokens += int(out.lengths.sum())
       ts = time.perf_counter()
       total, res, _ = self._score(records, out, g)
+      loss_w = np.ones(b * g)
+      if self.transforms:
+        total, loss_w = self._transform(state, records, out, total, res, step, round_)
       score_time += time.perf_counter() - ts
       if round_ == 0:
         metrics.update(res.metrics())
@@ -572,7 +651,8 @@ class RLTrainer:
       for i in np.nonzero(keep)[0]:
         rows = slice(i * g, (i + 1) * g)
         kept.append((records[i], prompts[i], out.tokens[rows], out.lengths[rows],
-                     out.truncated[rows], out.logprobs[rows], rg[i], res.values[rows]))
+                     out.truncated[rows], out.logprobs[rows], rg[i], res.values[rows],
+                     loss_w[rows]))
       if len(kept) >= b:
         break
     gen_time = time.perf_counter() - t0 - score_time
@@ -584,7 +664,8 @@ class RLTrainer:
       for i in range(b):
         rows = slice(i * g, (i + 1) * g)
         kept.append((records[i], prompts[i], out.tokens[rows], out.lengths[rows],
-                     out.truncated[rows], out.logprobs[rows], rg[i], res.values[rows]))
+                     out.truncated[rows], out.logprobs[rows], rg[i], res.values[rows],
+                     loss_w[rows]))
     while len(kept) < b:   # static shapes: repeat groups, masked out below
       kept.append(kept[len(kept) % max(valid_groups, 1)])
     kept = kept[:b]
@@ -600,6 +681,7 @@ class RLTrainer:
     if r["truncation_mask"]:
       arrays["mask"] = arrays["mask"] * ~truncated[:, None]
     arrays["mask"] = arrays["mask"] * group_ok[:, None]
+    arrays["mask"] = arrays["mask"] * np.concatenate([k[8] for k in kept])[:, None]
     columns = np.stack([k[7] for k in kept])               # [B,G,K] per reward function
     host = dict(rewards=rewards, columns=columns, weights=res.weights,
                 lengths=lengths.astype(np.float32), samp=samp,
