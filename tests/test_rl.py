@@ -227,17 +227,20 @@ def test_reward_model_reward_scores_like_the_model(tmp_path):
   spec = reward_registry.make_spec("reward_model", params={"path": str(tmp_path / "rm")})
   prompts, completions = ["abcd", "dcba", "ab"], ["aab", "dd", ""]
   got = spec(prompts, completions, {})
-  tok, scorer, run_cfg, mesh, rules = __import__("alignjax.rewards.model", fromlist=["_load"]) \
-      ._load(str(tmp_path / "rm"))
-  for p, c, g in zip(prompts, completions, got):
-    row = pref_data.preference_rows(tok.encode(p, add_bos=tok.add_bos_token),
-                                    [tok.encode(c) + [tok.eos_id]], seq_len=512,
-                                    pad_id=tok.pad_id)[0]
-    with parallel.use_mesh(mesh, rules):
-      out = scorer.model(jnp.asarray(row["tokens"]), jnp.asarray(row["positions"]),
-                         jnp.asarray(row["segment_ids"]))
-    want = rm_eval._scalar(np.asarray(out), run_cfg)[0]
-    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+  # The reference: the run loaded again on one device, a jitted forward of hand-built rows.
+  tok = __import__("alignjax.rewards.model", fromlist=["_load"])._load(str(tmp_path / "rm"))[0]
+  mesh = parallel.make_mesh(rm_helpers.SINGLE, jax.devices()[:1])
+  with parallel.use_mesh(mesh):
+    model, run_cfg = rm_eval.load_reward_model(str(tmp_path / "rm"), tok, mesh, None)
+    forward = nnx.jit(lambda m, t, p, s: m(t, p, s))
+    for p, c, g in zip(prompts, completions, got):
+      row = pref_data.preference_rows(tok.encode(p, add_bos=tok.add_bos_token),
+                                      [tok.encode(c) + [tok.eos_id]], seq_len=512,
+                                      pad_id=tok.pad_id)[0]
+      out = forward(model, *(jnp.asarray(row[k]) for k in ("tokens", "positions",
+                                                          "segment_ids")))
+      want = rm_eval._scalar(np.asarray(out), run_cfg)[0]
+      np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="path"):
     reward_registry.make_spec("reward_model", params={"path": str(tmp_path / "missing")})
 
