@@ -248,7 +248,9 @@ def test_reward_model_reward_scores_like_the_model(tmp_path):
 def test_prepare_kl_in_reward_and_gdpo(tmp_path):
   """RLOO with the KL penalty in the reward: A = rloo(r - beta sum_t m k1(old - ref)); GDPO
   gets one column per reward function and their weights."""
-  c = _config(tmp_path, "rloo", rewards="math_reward,exact_match:0.5", kl_in_reward_coef=0.1)
+  rewards = [{"name": "format_reward", "params": {"pattern": r"[0-9+=].*"}},
+             {"name": "exact_match", "weight": 0.5}]
+  c = _config(tmp_path, "rloo", rewards=rewards, kl_in_reward_coef=0.1)
   trainer = rl.RLTrainer(c, str(tmp_path))
   with parallel.use_mesh(trainer.mesh, trainer.rules):
     state = trainer.build()
@@ -265,9 +267,21 @@ def test_prepare_kl_in_reward_and_gdpo(tmp_path):
     np.testing.assert_allclose(host["weights"], [1.0, 0.5])
     trainer.r["advantage"], trainer.r["kl_in_reward_coef"] = "gdpo_adv", 0.0
     arrays = trainer.prepare(state, arrays, host, metrics)
-  from alignjax.rl import advantages as adv_lib
-  want = adv_lib.gdpo_adv(jnp.asarray(host["columns"]), weights=(1.0, 0.5))
-  np.testing.assert_allclose(arrays["A"], np.asarray(want), rtol=1e-5, atol=1e-6)
+    from alignjax.rl import advantages as adv_lib
+    want = adv_lib.gdpo_adv(jnp.asarray(host["columns"]), weights=(1.0, 0.5))
+    np.testing.assert_allclose(arrays["A"], np.asarray(want), rtol=1e-5, atol=1e-6)
+    # ReMax: the baseline is the reward of a greedy rollout of each prompt; on every
+    # completion token A = r - b (token rewards on the last token, no KL).
+    trainer.r["advantage"] = "remax_adv"
+    arrays = trainer.prepare(state, arrays, host, metrics)
+    records = host["prompts"][::4]
+    _, greedy = trainer._generate(state, records, 0, 7, 1, temperature=0.0)
+    base = trainer._score(records, greedy, 1)[0]
+    want = (host["rewards"] - base[:, None]).reshape(-1)
+    assert np.abs(want).max() > 1e-3
+    m = arrays["mask"]
+    np.testing.assert_allclose(arrays["A"][:, 0][m[:, 0] > 0], want[m[:, 0] > 0], rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_reward_transforms_pipeline(tmp_path):

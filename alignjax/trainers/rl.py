@@ -28,6 +28,7 @@ keys are functions of (seed, RL step), so a resumed run continues exactly.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 import time
@@ -251,7 +252,6 @@ def _bad(key, value, choices):
 
 
 def _keyword_names(fn) -> set[str]:
-  import inspect  # noqa: PLC0415
   return {p.name for p in inspect.signature(fn).parameters.values()
           if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
@@ -721,8 +721,7 @@ class RLTrainer:
     if self.needs_ref:
       kl_tok = np.where(m != 0, arrays["old"] - arrays["ref"], 0.0).astype(np.float32)
     if r["objective"] == "policy":
-      self._state_for_baseline, self._step = state, step
-      a = self._advantages(rew, arrays, host, kl_tok, float(state.frozen["kl_reward_coef"]))
+      a = self._advantages(state, step, rew, arrays, host, kl_tok)
       if r["stable_adv_filter"]:
         a_seq = a if a.ndim == 1 else a[:, 0]
         keep = np.asarray(adv_lib.stable_adv_filter(
@@ -742,8 +741,9 @@ class RLTrainer:
     metrics["time_advantages"] = time.perf_counter() - t1
     return arrays
 
-  def _advantages(self, rew, arrays, host, kl_tok, kl_coef):
+  def _advantages(self, state, step, rew, arrays, host, kl_tok):
     r = self.r
+    kl_coef = float(state.frozen["kl_reward_coef"])
     fn = adv_lib.get(r["advantage"])
     m = arrays["mask"]
     n, t = m.shape
@@ -775,8 +775,7 @@ class RLTrainer:
       inputs["r_multi"] = jnp.asarray(host["columns"], f32)
     if "baseline" in need:  # ReMax: the reward of one greedy rollout per prompt
       records = host["prompts"][::r["group_size"]]
-      _, greedy = self._generate(self._state_for_baseline, records, self._step, 7, 1,
-                                 temperature=0.0)
+      _, greedy = self._generate(state, records, step, 7, 1, temperature=0.0)
       base, _, _ = self._score(records, greedy, 1)
       inputs["baseline"] = jnp.asarray(np.nan_to_num(base, nan=0.0), f32)
     params = dict(r["advantage_params"])
