@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from alignjax.rewards import combine
+from alignjax.rewards.registry import _plain  # ConfigDict -> plain dicts and lists
 
 sg = jax.lax.stop_gradient
 
@@ -131,17 +132,6 @@ def call(fn, inputs: dict, **params):
   missing = [k for k in need if k not in inputs and k != "state"]
   _check(not missing, f"Reward transform {fn.__name__}: missing inputs {missing} (see INPUTS).")
   return fn(**{k: inputs.get(k) for k in need}, **params)
-
-
-def _plain(x):
-  """ConfigDict -> dict (recursively through lists); other values unchanged."""
-  if hasattr(x, "to_dict"):
-    x = x.to_dict()
-  if isinstance(x, collections.abc.Mapping):
-    return {k: _plain(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return type(x)(_plain(v) for v in x)
-  return x
 
 
 def _hashable(v):
