@@ -216,6 +216,10 @@ def test_bad_config_errors_name_the_key(tmp_path):
     rl.check_config(_config(tmp_path, rewards="no_such_reward"))
   with pytest.raises(ValueError, match="mini_batches"):
     rl.check_config(_config(tmp_path, mini_batches=3))
+  bad = _config(tmp_path, "online_dpo")
+  bad.train.grad_accum = 2
+  with pytest.raises(ValueError, match="grad_accum = 1"):
+    rl.check_config(bad)
 
 
 def test_reward_model_reward_scores_like_the_model(tmp_path):

@@ -232,6 +232,10 @@ def check_config(config) -> dict:
                      f"into rl.mini_batches x train.grad_accum = {ways}.")
   if r["objective"] in ("online_dpo",) and r["group_size"] < 2:
     raise ValueError("config.rl.group_size must be >= 2 for online_dpo (best vs worst).")
+  if r["objective"] == "online_dpo" and (config.train.grad_accum != 1
+                                         or r["num_prompts"] % r["mini_batches"]):
+    raise ValueError("online_dpo keeps each (chosen, rejected) pair in adjacent rows: it needs "
+                     "train.grad_accum = 1 and rl.num_prompts divisible by rl.mini_batches.")
   reward_registry.parse_rewards(_rewards_value(config.rl.rewards))
   for name, fn, _ in shaping.parse_transforms(_rewards_value(config.rl.reward_transforms)):
     missing = [k for k in shaping.required_inputs(fn) if k not in _TRANSFORM_INPUTS]
