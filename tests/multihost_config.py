@@ -36,6 +36,19 @@ def dpo_config(num_steps: int):
   return c
 
 
+def rl_config(num_steps: int):
+  """GRPO with a k3 KL to a live reference, 2 epochs x 2 mini-batches, on a (2,2,2) mesh; a
+  checkpoint every RL step."""
+  from configs import grpo
+  c = grpo.get_config(f"steps={num_steps},prompts=4,group=4,max_new_tokens=4,kl=0.04,"
+                      "epochs=2,mini_batches=2,eval_examples=4")
+  c.rl.eval_samples = 0
+  c.train.log_every, c.train.progress_bar = 1, False
+  c.checkpoint.every = 1
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  return c
+
+
 @contextlib.contextmanager
 def record_batches():
   """Records the host-local `tokens` of every batch placed on the mesh."""

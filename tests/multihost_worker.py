@@ -1,7 +1,7 @@
 """One process of the localhost multi-process test (see test_multihost.py).
 
 argv: process_id num_processes port workdir num_steps out.npz [task]
-Runs SFT (or task "dpo") on 4 simulated CPU devices per process with gloo collectives and saves
+Runs SFT (or task "dpo" or "rl") on 4 simulated CPU devices per process with gloo collectives and saves
 the host-local token batches it fed to training.
 """
 
@@ -23,12 +23,13 @@ def main():
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                              num_processes=int(nproc), process_id=int(pid))
-  from tests.multihost_config import config, dpo_config, record_batches  # noqa: E402
-  from alignjax.trainers import dpo, sft  # noqa: E402
-  run, make_config = (dpo.run, dpo_config) if task == "dpo" else (sft.run, config)
+  from tests.multihost_config import config, dpo_config, record_batches, rl_config  # noqa: E402
+  from alignjax.trainers import dpo, rl, sft  # noqa: E402
+  run, make_config = {"dpo": (dpo.run, dpo_config), "rl": (rl.run, rl_config)}.get(
+      task, (sft.run, config))
   with record_batches() as seen:
     run(make_config(int(steps)), workdir)
-  np.savez(out, tokens=np.stack(seen), devices=jax.device_count(),
+  np.savez(out, tokens=np.stack(seen) if seen else np.zeros(0), devices=jax.device_count(),
            local=jax.local_device_count())
   jax.distributed.shutdown()
 

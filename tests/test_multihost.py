@@ -92,3 +92,18 @@ def test_dpo_two_processes_match_one_process_and_resume(tmp_path):
   assert sorted(b) == list(range(1, 6))
   np.testing.assert_allclose([b[s] for s in range(1, 6)], [a[s] for s in range(1, 6)],
                              rtol=1e-5)
+
+
+def test_rl_two_processes_match_one_process_and_resume(tmp_path):
+  """GRPO (rollouts from the sampler, old / reference log-probs, 4 optimizer steps per RL
+  step): 2 processes x 4 devices, 2 steps then a relaunch to 3, equal 1 process x 8 devices."""
+  from alignjax.trainers import rl
+  from tests.multihost_config import rl_config
+  rl.run(rl_config(3), str(tmp_path / "single"))
+  multi = tmp_path / "multi"
+  _run_two(multi, 2, tmp_path, task="rl")
+  _run_two(multi, 3, tmp_path, task="rl")
+  single, two = _losses(tmp_path / "single"), _losses(multi)
+  assert sorted(two) == [1, 2, 3]
+  for step in (1, 2, 3):
+    np.testing.assert_allclose(two[step], single[step], rtol=1e-4, atol=1e-7)

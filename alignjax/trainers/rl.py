@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from alignjax import parallel
 from alignjax.data import synthetic
@@ -528,8 +529,8 @@ class RLTrainer:
     outs = []
     for s in range(0, n, size):
       chunk = {k: v[s:s + size] for k, v in arrays.items()}
-      outs.append(np.asarray(jax.device_get(fn(gd, params, place(chunk, self.mesh,
-                                                                  self.rules)))))
+      out = fn(gd, params, place(chunk, self.mesh, self.rules))
+      outs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True)))
     return np.concatenate(outs)
 
   # -- rollouts
