@@ -15,6 +15,7 @@ TASKS = {
     "generate": "alignjax.sampling.task:run",
     "rl": "alignjax.trainers.rl:run",
     "pipeline": "alignjax.pipeline:run",
+    "overoptimization": "alignjax.experiments.overoptimization:run",
 }
 
 

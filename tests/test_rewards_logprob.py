@@ -1,4 +1,4 @@
-"""Log-prob-derived rewards (alignjax/rewards/logprob.py, METHODS.md 7.1-7.5, 7.7): each kernel
+"""Log-prob-derived rewards (alignjax/rewards/logprob.py, METHODS.md 7.1-7.8): each kernel
 against numpy on hand-made inputs, and each model-side scorer (chunked kernel, left-padded
 rows) against its definition computed from float64 full logits of the unpadded sequence."""
 
@@ -214,3 +214,244 @@ def test_score_genrm_yes(models):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError):
     lpr.score_genrm_yes(pol, PROMPTS, [5], [5, 6], pad_id=PAD)
+
+
+# ------------------------------------------------------- 7.6 IGPO, 7.8 listener: kernels
+def _igpo_ref(p, tm, outcome, group, gamma, normalise, eps=1e-6):
+  """float64 loops: leading run of valid turns, r, discounted G, per-group per-turn z-score
+  (ddof 1; fewer than 2 members -> 0)."""
+  p, outcome = np.asarray(p, np.float64), np.asarray(outcome, np.float64)
+  b, t = tm.shape
+  n = [next((k for k in range(t) if tm[i, k] <= 0), t) for i in range(b)]
+  r, g = np.zeros((b, t)), np.zeros((b, t))
+  for i in range(b):
+    for k in range(n[i]):
+      r[i, k] = outcome[i] if k == n[i] - 1 else p[i, k + 1] - p[i, k]
+    for k in range(n[i]):
+      g[i, k] = sum(gamma ** (j - k) * r[i, j] for j in range(k, n[i]))
+  if not normalise:
+    return r, g
+  z = np.zeros((b, t))
+  for i in range(b):
+    for k in range(n[i]):
+      vals = [g[j, k] for j in range(b) if group[j] == group[i] and k < n[j]]
+      if len(vals) >= 2:
+        z[i, k] = (g[i, k] - np.mean(vals)) / (np.std(vals, ddof=1) + eps)
+  return r, z
+
+
+def _igpo_inputs():
+  nan = np.nan
+  p = np.array([[0.1, 0.3, 0.25, 0.9],     # 3 turns
+                [0.2, 0.6, nan, nan],      # 2 turns (P_2 never read)
+                [0.5, nan, nan, nan],      # mask [1,0,1]: only the leading turn counts
+                [nan, nan, nan, nan],      # no valid turn
+                [0.2, 0.6, 0.1, 0.0],      # 2 turns, same as row 1 (tie within the group)
+                [0.4, 0.1, 0.7, 0.3]],     # single-member group
+               np.float32)
+  tm = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 1], [0, 0, 0], [1, 1, 0], [1, 1, 1]], np.float32)
+  outcome = np.array([1.0, 0.0, 1.0, nan, 0.0, 1.0], np.float32)
+  group = np.array([0, 0, 0, 0, 0, 1])
+  return p, tm, outcome, group
+
+
+@pytest.mark.parametrize("gamma,normalise", [(1.0, False), (0.8, False), (1.0, True),
+                                             (0.5, True)])
+def test_igpo_info_gain_kernel(gamma, normalise):
+  p, tm, outcome, group = _igpo_inputs()
+  r, g = lpr.igpo_info_gain(p, tm, outcome, group, gamma=gamma, normalise=normalise)
+  r, g = np.asarray(r), np.asarray(g)
+  wr, wg = _igpo_ref(p, tm, outcome, group, gamma, normalise)
+  assert np.all(np.isfinite(r)) and np.all(np.isfinite(g))  # NaN in unread p / outcome
+  np.testing.assert_allclose(r, wr, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g, wg, rtol=1e-5, atol=1e-5)
+  assert np.all(r[3] == 0) and np.all(g[3] == 0) and np.all(g[2, 1:] == 0)  # invalid turns
+  if normalise:
+    assert np.all(g[5] == 0)           # single-member group
+    assert g[0, 2] == 0                # turn 3 reached by one row of the group only
+    assert np.all(g[[0, 1, 2, 4], 0] != 0)
+  else:
+    assert r[2, 0] == 1.0 and r[0, 2] == 1.0 and r[1, 1] == 0.0  # last valid turn = outcome
+
+
+def test_igpo_info_gain_relations():
+  rng = np.random.default_rng(3)
+  p = rng.uniform(size=(5, 7)).astype(np.float32)
+  tm = (np.arange(6)[None, :] < np.array([6, 1, 3, 4, 6])[:, None]).astype(np.float32)
+  outcome = rng.normal(size=5).astype(np.float32)
+  r, g = lpr.igpo_info_gain(p, tm, outcome, np.zeros(5, np.int32), gamma=1.0, normalise=False)
+  r, g = np.asarray(r, np.float64), np.asarray(g, np.float64)
+  for i, n in enumerate([6, 1, 3, 4, 6]):
+    # METHODS 7.6: r_t telescopes, sum_{t<T} r_t = P_{T-1} - P_0; G_1 = that + outcome
+    np.testing.assert_allclose(r[i, :n - 1].sum(), p[i, n - 1] - p[i, 0], atol=1e-6)
+    np.testing.assert_allclose(g[i, 0], p[i, n - 1] - p[i, 0] + outcome[i], atol=1e-5)
+    np.testing.assert_allclose(g[i, :n], np.cumsum(r[i, :n][::-1])[::-1], atol=1e-5)
+  # ties: identical rows -> exactly 0 after normalisation; group=None = one batch group
+  same = np.tile(p[:1], (3, 1))
+  z = lpr.igpo_info_gain(same, np.ones((3, 6)), np.ones(3), None)[1]
+  assert np.all(np.asarray(z) == 0)
+  _, z = lpr.igpo_info_gain(p, tm, outcome * 1e6, None, gamma=0.9)
+  _, wz = _igpo_ref(p, tm, outcome * 1e6, np.zeros(5), 0.9, True)
+  np.testing.assert_allclose(z, wz, rtol=1e-4, atol=1e-4)
+  g0 = jax.grad(lambda x: lpr.igpo_info_gain(x, tm, outcome, None)[1].sum())(jnp.asarray(p))
+  assert np.all(np.asarray(g0) == 0)  # stop_gradient
+  with pytest.raises(ValueError):
+    lpr.igpo_info_gain(p[:, :6], tm, outcome, None)
+
+
+def test_igpo_helpers():
+  lp = np.array([-2.0, -1e30, -np.inf, 0.0, -3.0], np.float32)
+  n = np.array([4, 3, 2, 0, 1])
+  np.testing.assert_allclose(lpr.p_from_logprobs(lp, n), [np.exp(-0.5), 0, 0, 1, np.exp(-3)],
+                             rtol=1e-6)
+  np.testing.assert_allclose(lpr.p_from_logprobs(lp, n, mode="sum"),
+                             [np.exp(-2), 0, 0, 1, np.exp(-3)], rtol=1e-6)
+  with pytest.raises(ValueError):
+    lpr.p_from_logprobs(lp, n, mode="max")
+  v = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, np.nan]], np.float32)
+  tt = np.array([[-1, 0, 0, 1, -1, 2, 3], [1, 1, -1, 0, 0, 2, -1]])
+  want = np.array([[0, 1, 1, 2, 0, 3, 0], [5, 5, 0, 4, 4, np.nan, 0]])
+  np.testing.assert_array_equal(lpr.spread_turns(v, tt), want)
+
+
+def _listener_ref(lp, mask, a, rf, ra, lam):
+  out_c = []
+  for row, m, k in zip(np.asarray(lp, np.float64), mask, a):
+    ok = (m > 0) & np.isfinite(row)
+    if not (0 <= k < len(row)) or not ok[k]:
+      out_c.append(0.0)
+      continue
+    e = np.exp(row[ok] - row[ok].max())
+    out_c.append(np.exp(row[k] - row[ok].max()) / e.sum())
+  c = np.array(out_c)
+  return rf + ra + lam * c, c
+
+
+@pytest.mark.parametrize("lam", [0.5, 2.0])
+def test_listener_kernel(lam):
+  inf, nan = np.inf, np.nan
+  lp = np.array([[-1.0, -2.0, -0.5],
+                 [-1.0, -inf, -1.0],          # tie among the valid options
+                 [nan, -3.0, -1.0],           # NaN gold -> 0
+                 [-inf, -inf, -inf],          # nothing valid -> 0
+                 [-1e4, -1e4 - 50.0, -3e38],  # extreme log-probs
+                 [5.0, -1.0, -2.0],           # option 0 masked out
+                 [-1.0, -2.0, -3.0],          # gold out of range -> 0
+                 [-0.1, -7.0, 0.0]], np.float32)
+  mask = np.ones_like(lp)
+  mask[5, 0] = 0
+  a = np.array([2, 0, 0, 1, 0, 1, 3, 1])
+  rf = np.array([1, 0, 1, 0, 1, 0, 1, 0], np.float32)
+  ra = np.array([0, 1, 1, 0, 0, 1, 1, 0], np.float32)
+  r, c = lpr.listener(lp, a, rf, ra, option_mask=mask, lam=lam)
+  wr, wc = _listener_ref(lp, mask, a, rf, ra, lam)
+  assert np.all(np.isfinite(r)) and np.all(np.isfinite(c))
+  np.testing.assert_allclose(c, wc, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(r, wr, rtol=1e-5, atol=1e-6)
+  assert float(c[1]) == 0.5 and float(c[2]) == 0.0 and float(c[3]) == 0.0
+  assert float(c[6]) == 0.0 and float(c[4]) == 1.0
+  # no mask: same as the mask of finite entries (row 5's option 0 back in)
+  c2 = np.asarray(lpr.listener(lp, a, rf, ra)[1])
+  np.testing.assert_allclose(c2[:5], wc[:5], rtol=1e-5, atol=1e-7)
+  assert float(c2[5]) < float(c[5])
+
+
+def test_strip_answer():
+  cot = ("Compare (A) and ( B ). Option B is clearer, so \\boxed{\\text{B}}.\n"
+         "Final answer: (B)\n")
+  assert lpr.strip_answer(cot) == "Compare and . is clearer, so ."
+  assert lpr.strip_answer("<think>short</think><answer>\nA\n</answer>") == "<think>short</think>"
+  assert lpr.strip_answer("Step 1: add.\nSo the answer is: 42\nok") == "Step 1: add.\nSo\nok"
+  assert lpr.strip_answer("Edges are sharp. The final answer is = 2.") == "Edges are sharp."
+  assert lpr.strip_answer("x = \\boxed{\\frac{1}{2}} done") == "x = done"
+  assert lpr.strip_answer("keep (a) lowercase", patterns=()) == "keep (a) lowercase"
+
+
+# ----------------------------------------------- 7.6 IGPO, 7.8 listener: scorers
+IG_TURNS = [[[21, 22], [23, 24, 25]], [[26]], [[27, 28, 29]], []]
+IG_ANS = [[31, 32, 33], [34], [35, 36], [37, 38]]
+IG_APREF = [3]
+
+
+def _igpo_p_ref(model):
+  """float64 P_t [4,3] per mode ("mean": exp of the mean answer log-prob; "sum": exp(sum))."""
+  ctx, rows = [], []
+  for b, (x, hs) in enumerate(zip(PROMPTS, IG_TURNS)):
+    acc = list(x)
+    for t in range(len(hs) + 1):
+      acc = acc + (list(hs[t - 1]) if t else [])
+      ctx.append(acc + IG_APREF)
+      rows.append(b)
+  lps = _full_logp(model, ctx, [IG_ANS[b] for b in rows])
+  p = {"mean": np.zeros((4, 3)), "sum": np.zeros((4, 3))}
+  k = 0
+  for b, hs in enumerate(IG_TURNS):
+    for t in range(len(hs) + 1):
+      p["mean"][b, t], p["sum"][b, t] = np.exp(lps[k].mean()), np.exp(lps[k].sum())
+      k += 1
+  return p
+
+
+def test_score_igpo_info_gain(models):
+  pol, _ = models
+  outcome = np.array([1.0, 0.0, 1.0, 0.5], np.float32)
+  group = np.array([0, 0, 0, 1])
+  tm = np.array([[1, 1], [1, 0], [1, 0], [0, 0]], np.float32)
+  ref_p = _igpo_p_ref(pol)
+  for mode, gamma, norm in (("mean", 1.0, True), ("sum", 0.9, False)):
+    r, g, p = lpr.score_igpo_info_gain(pol, PROMPTS, IG_TURNS, IG_ANS, outcome, group,
+                                       pad_id=PAD, gamma=gamma, normalise=norm, mode=mode,
+                                       answer_prefix=IG_APREF)
+    wp = ref_p[mode]
+    np.testing.assert_allclose(p, wp, rtol=1e-4, atol=1e-7)
+    wr, wg = _igpo_ref(wp, tm, outcome, group, gamma, norm)
+    np.testing.assert_allclose(r, wr, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(g, wg, rtol=1e-3, atol=1e-5)
+    if mode == "mean":
+      assert abs(float(r[0, 0])) > 1e-4  # a real information gain, not 0
+  with pytest.raises(ValueError):
+    lpr.score_igpo_info_gain(pol, PROMPTS[:1], [[]], [[]], [1.0], None, pad_id=PAD)
+
+
+LS_OPTS = [[[11], [12, 13], [14]], [[15], [16]]]
+
+
+def test_score_listener(models):
+  pol, _ = models
+  xs = PROMPTS[:2]
+  a = np.array([0, 1])
+  rf, ra = np.array([1.0, 0.0], np.float32), np.array([0.0, 1.0], np.float32)
+  r, c = lpr.score_listener(pol, xs, LS_OPTS, a, rf, ra, pad_id=PAD, lam=0.5)
+  lp = np.full((2, 3), -np.inf)
+  mask = np.zeros((2, 3))
+  for b, os_ in enumerate(LS_OPTS):
+    lp[b, :len(os_)] = _sums(pol, [xs[b]] * len(os_), os_)
+    mask[b, :len(os_)] = 1
+  wr, wc = _listener_ref(lp, mask, a, rf, ra, 0.5)
+  np.testing.assert_allclose(c, wc, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(r, wr, rtol=1e-4, atol=1e-6)
+  assert 0.01 < float(c[0]) < 0.99
+  with pytest.raises(ValueError):
+    lpr.score_listener(pol, xs, [[[11], []], [[15]]], a, rf, ra, pad_id=PAD)
+
+
+def test_igpo_listener_scorers_extreme_logits(models):
+  """Logits scaled by ~1e4 (final-norm scale): log-probs hit -1e4 and beyond; rewards stay
+  finite and probabilities in [0, 1]."""
+  hot = nnx.clone(models[0])
+  hot.final_norm.scale[...] = hot.final_norm.scale[...] * 1e4
+  r, g, p = lpr.score_igpo_info_gain(hot, PROMPTS, IG_TURNS, IG_ANS, np.ones(4), None,
+                                     pad_id=PAD, answer_prefix=IG_APREF)
+  for x in (r, g, p):
+    assert np.all(np.isfinite(np.asarray(x)))
+  assert np.all((np.asarray(p) >= 0) & (np.asarray(p) <= 1))
+  r, c = lpr.score_listener(hot, PROMPTS[:2], LS_OPTS, [1, 0], np.zeros(2), np.zeros(2),
+                            pad_id=PAD)
+  c = np.asarray(c)
+  assert np.all(np.isfinite(c)) and np.all((c >= 0) & (c <= 1)) and np.all(np.isfinite(r))
+  lp = np.full((2, 3), -np.inf)
+  for b, os_ in enumerate(LS_OPTS):
+    lp[b, :len(os_)] = _sums(hot, [PROMPTS[b]] * len(os_), os_)
+  assert np.all(lp[np.isfinite(lp)] < -1e3)  # really extreme
+  wc = _listener_ref(lp, np.isfinite(lp), [1, 0], 0.0, 0.0, 0.5)[1]
+  np.testing.assert_allclose(c, wc, atol=1e-3)

@@ -2,6 +2,7 @@
 exactness across micro-batches and meshes, unscorable rewards, dynamic sampling, resume, and
 each shipped config running at tiny size."""
 
+import json
 import os
 
 import jax
@@ -312,3 +313,76 @@ def test_reward_transforms_pipeline(tmp_path):
     assert (arrays["mask"][i].sum() == 0) == dominated or host["lengths"][i] == 0
   with pytest.raises(ValueError, match="reward_transforms"):
     rl.check_config(_config(tmp_path, reward_transforms="dense_segment_reward"))
+
+
+_SEEN = []
+
+
+@reward_registry.register("_test_record_completions")
+def _record(prompts, completions, fields):
+  _SEEN.extend(completions)
+  return [0.0] * len(completions)
+
+
+def test_dataset_reset_starts(tmp_path):
+  """rl.dataset_reset = 1: each prompt starts at x + y_w[:h] (one h per group), rewards see
+  y_w[:h] + the completion, and only generated tokens carry loss."""
+  chosen = "123456789"
+  path = tmp_path / "p.jsonl"
+  path.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": chosen}) + "\n"
+                          for i in range(8)))
+  c = _config(tmp_path, rewards="_test_record_completions", dataset_reset=1.0)
+  c.data.synthetic = ""
+  c.data.train_files = str(path)
+  trainer = rl.RLTrainer(c, str(tmp_path))
+  _SEEN.clear()
+  with parallel.use_mesh(trainer.mesh, trainer.rules):
+    state = trainer.build()
+    arrays, host, metrics = trainer.rollout(state, 0)
+  g = c.rl.group_size
+  assert len(_SEEN) == 4 * g and 0.0 < metrics["dataset_reset_frac"] <= 1.0
+  tok = trainer.tok
+  p = arrays["tokens"].shape[1] - arrays["completion"].shape[1]
+  for b in range(4):
+    texts = _SEEN[b * g:(b + 1) * g]
+    gen = [tok.decode([t for t in arrays["completion"][i] if t != tok.eos_id])
+           for i in range(b * g, (b + 1) * g)]
+    h = len(texts[0]) - len(gen[0])
+    assert chosen.startswith(texts[0][:h])
+    for text, gtext in zip(texts, gen):        # the whole group shares the start (x, h)
+      assert text == chosen[:h] + gtext
+    prompt_ids = [t for t in arrays["tokens"][b * g, :p] if t != tok.pad_id]
+    assert tok.decode(prompt_ids).endswith("=" + chosen[:h])
+  np.testing.assert_array_equal(arrays["mask"].sum(1), host["lengths"])
+  with pytest.raises(ValueError, match="dataset_reset"):
+    rl.check_config(_config(tmp_path, dataset_reset=1.5))
+
+
+@reward_registry.register("_test_char_code_reward")
+def _char_code(prompts, completions, fields):
+  return [(sum(map(ord, c)) % 97) / 97 for c in completions]
+
+
+def test_transform_states_and_reference_rewards_resume(tmp_path):
+  """Stateful transforms (median_norm's running medians, incl. NaN for an unseen dataset) and
+  the cached reference rewards are checkpointed: a resumed run equals an uninterrupted one."""
+  kw = dict(rewards="_test_char_code_reward",
+            reward_transforms=[{"name": "median_norm", "params": {"num_datasets": 2}},
+                               {"name": "par_transform"}],
+            eval_examples=0)
+  full_t = rl.RLTrainer(_config(tmp_path, steps=2, **kw), str(tmp_path / "a"))
+  full = full_t.run()
+  part = _config(tmp_path, steps=1, **kw)
+  part.checkpoint.every = 1
+  rl.RLTrainer(part, str(tmp_path / "b")).run()
+  c = _config(tmp_path, steps=2, **kw)
+  c.checkpoint.every = 1
+  res_t = rl.RLTrainer(c, str(tmp_path / "b"))
+  resumed = res_t.run()
+  med_full = np.asarray(full_t.transform_states[0]["median"])
+  assert np.isnan(med_full[1]) and np.isfinite(med_full[0])
+  np.testing.assert_allclose(np.asarray(res_t.transform_states[0]["median"]), med_full,
+                             rtol=1e-6)
+  assert res_t._ref_rewards.keys() == full_t._ref_rewards.keys()
+  for k in ("reward", "loss"):
+    np.testing.assert_allclose(resumed[k], full[k], rtol=1e-5)

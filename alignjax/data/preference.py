@@ -77,7 +77,8 @@ def default_preference_data_config() -> ml_collections.ConfigDict:
       contrast_instructions=(),  # pairwise: rows of chosen/rejected under rewritten prompts
       contrast_template="{instruction}\n\n{prompt}",  # how an instruction rewrites a prompt
       preference=dict(prompt_len=4, min_len=4, max_len=8, min_gap=1, num_responses=4,
-                      length_bias=False, num_records=1_000_000, eval_fraction=0.1),
+                      length_bias=False, num_records=1_000_000, eval_fraction=0.1,
+                      hits="uniform"),
   ))
   return cfg
 

@@ -22,7 +22,7 @@ import hashlib
 import numpy as np
 
 # Task name -> the record kinds it can make (the first is its default).
-SYNTHETIC_TASKS = {"arithmetic": ("sft", "pairwise"), "preference": ("pairwise", "listwise", "rated")}
+SYNTHETIC_TASKS = {"arithmetic": ("sft", "pairwise"), "preference": ("pairwise", "listwise", "rated", "sft")}
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -142,11 +142,14 @@ class PreferenceSource:
                 and chosen has the higher one.
     "listwise": {"prompt", "responses": [num_responses strings], "scores": [true scores]}.
     "rated":    {"prompt", "response", "scores": {"score": true score, "length": characters}}.
+    "sft":      {"prompt", "completion": one response, "score": its true score}: a base policy
+                for RL on this task (configs/overoptimization.py) imitates responses whose
+                score is uniform over 0..max_hits.
 
   Args:
     seed: generation seed.
     split: "train" or "eval" (disjoint prompts, see the module docstring).
-    kind: "pairwise", "listwise" or "rated".
+    kind: "pairwise", "listwise", "rated" or "sft".
     prompt_len, min_len, max_len: word and response lengths (in letters).
     min_gap: minimum score difference of a pair (pairwise).
     num_responses: responses per listwise record.
@@ -155,12 +158,17 @@ class PreferenceSource:
       are unchanged, so a reward model can fit this data by length alone (the length-bias probe).
     num_records: nominal length of the source.
     eval_fraction: fraction of all prompts that belong to the eval split.
+    hits: "uniform" (above: h uniform over 0..min(prompt_len, min_len), independent of the
+      length) or "by_length" (each response draws its length, then h uniform over
+      0..min(prompt_len, length): short responses are covered too; the gold reward model of
+      configs/overoptimization.py sees every length a policy can produce).
   """
 
   def __init__(self, seed: int = 0, split: str = "train", *, kind: str = "pairwise",
                prompt_len: int = 4, min_len: int = 4, max_len: int = 8, min_gap: int = 1,
                num_responses: int = 4, length_bias: bool = False,
-               num_records: int = 1_000_000, eval_fraction: float = 0.1):
+               num_records: int = 1_000_000, eval_fraction: float = 0.1,
+               hits: str = "uniform"):
     _check_split(split, eval_fraction)
     if kind not in SYNTHETIC_TASKS["preference"]:
       raise ValueError(f"kind must be one of {SYNTHETIC_TASKS['preference']}, got {kind!r}")
@@ -169,13 +177,18 @@ class PreferenceSource:
     if not 1 <= min_len <= max_len <= len(_LETTERS) - prompt_len:
       raise ValueError(f"need 1 <= min_len <= max_len <= {len(_LETTERS) - prompt_len} (letters "
                        f"not in the prompt), got min_len={min_len}, max_len={max_len}")
-    self.max_hits = min(prompt_len, min_len)
+    if hits not in ("uniform", "by_length"):
+      raise ValueError(f"hits must be 'uniform' or 'by_length', got {hits!r}")
+    if hits == "by_length" and length_bias:
+      raise ValueError("hits='by_length' and length_bias cannot be combined")
+    self.hits = hits
+    self.max_hits = min(prompt_len, min_len if hits == "uniform" else max_len)
     if not 1 <= min_gap <= self.max_hits:
       raise ValueError(f"min_gap must be in 1..{self.max_hits} (the largest score), got {min_gap}")
     if num_responses < 2:
       raise ValueError(f"num_responses must be >= 2, got {num_responses}")
-    if length_bias and kind == "rated":
-      raise ValueError("length_bias applies to pairwise and listwise records, not rated ones")
+    if length_bias and kind in ("rated", "sft"):
+      raise ValueError(f"length_bias applies to pairwise and listwise records, not {kind} ones")
     if length_bias and min_len == max_len:
       raise ValueError("length_bias needs min_len < max_len")
     self.seed, self.split, self.kind = seed, split, kind
@@ -211,7 +224,7 @@ class PreferenceSource:
   def example(self, i: int) -> tuple[str, list[str], list[int]]:
     """(prompt, responses, true scores) behind record i: 2 responses (chosen first) for pairwise,
     `num_responses` for listwise, 1 for rated."""
-    k = {"pairwise": 2, "listwise": self.num_responses, "rated": 1}[self.kind]
+    k = {"pairwise": 2, "listwise": self.num_responses, "rated": 1, "sft": 1}[self.kind]
     rng = np.random.default_rng([self.seed, int(i)])
     prompt = self._prompt(rng)
     hits = [int(h) for h in rng.integers(0, self.max_hits + 1, size=k)]
@@ -220,6 +233,14 @@ class PreferenceSource:
         hits = [int(h) for h in rng.integers(0, self.max_hits + 1, size=2)]
       hits.sort(reverse=True)  # chosen first
     lengths = self._lengths(rng, k)
+    if self.hits == "by_length":  # each response: its length, then hits in 0..min(P, length)
+      while True:
+        lengths = self._lengths(rng, k)
+        hits = [int(rng.integers(0, min(self.prompt_len, n) + 1)) for n in lengths]
+        if self.kind != "pairwise" or abs(hits[0] - hits[1]) >= self.min_gap:
+          break
+      if self.kind == "pairwise" and hits[0] < hits[1]:
+        hits, lengths = hits[::-1], lengths[::-1]
     if self.length_bias:
       while k == 2 and lengths[0] == lengths[1]:
         lengths = self._lengths(rng, 2)
@@ -237,6 +258,8 @@ class PreferenceSource:
       return {"prompt": prompt, "chosen": responses[0], "rejected": responses[1]}
     if self.kind == "listwise":
       return {"prompt": prompt, "responses": responses, "scores": [float(s) for s in scores]}
+    if self.kind == "sft":
+      return {"prompt": prompt, "completion": responses[0], "score": float(scores[0])}
     return {"prompt": prompt, "response": responses[0],
             "scores": {"score": float(scores[0]), "length": float(len(responses[0]))}}
 

@@ -1,4 +1,5 @@
-"""Rule-based rewards: `format_reward`, `length_penalty` (METHODS.md 4.1) and `exact_match`."""
+"""Rule-based rewards: `format_reward`, `length_penalty` (METHODS.md 4.1), `exact_match` and
+`letters_score` (the synthetic preference task's ground truth)."""
 
 from __future__ import annotations
 
@@ -150,3 +151,16 @@ def exact_match(prompts: Sequence[str], completions: Sequence[str], fields, *,
              if g is not None and not (isinstance(g, float) and math.isnan(g))]
     out.append(float(str(c).strip() in golds) if golds else math.nan)
   return out
+
+
+# ---------------------------------------------------------------------------- letters_score
+
+
+@registry.register("letters_score")
+def letters_score(prompts: Sequence[str], completions: Sequence[str], fields) -> list[float]:
+  """The hidden ground truth of the built-in synthetic preference ("letters") task: how many
+  distinct letters of the prompt's word occur in the completion
+  (`alignjax.data.synthetic.true_score`; repeats earn nothing). The gold measuring stick of
+  configs/overoptimization.py; no METHODS.md id."""
+  from alignjax.data.synthetic import true_score  # noqa: PLC0415
+  return [float(true_score(p, c)) for p, c in zip(prompts, completions)]

@@ -64,11 +64,16 @@ def reward_model(prompts: Sequence[str], completions: Sequence[str], fields, *, 
   from alignjax.data import preference as pref_data  # noqa: PLC0415
   from alignjax.evaluation import rm as rm_eval  # noqa: PLC0415
   tokenizer, scorer, run_cfg, mesh, rules = _load(path)
-  rows = []
+  encoded = []
   for prompt, completion in zip(prompts, completions):
     p = tokenizer.encode(prompt, add_bos=getattr(tokenizer, "add_bos_token", False))
-    r = tokenizer.encode(completion) + [tokenizer.eos_id]
-    rows.append(pref_data.preference_rows(p, [r], seq_len=seq_len, pad_id=tokenizer.pad_id)[0])
+    encoded.append((p, tokenizer.encode(completion) + [tokenizer.eos_id]))
+  # Rows are as long as the longest (a power of two >= 16, at most seq_len): fewer padded
+  # tokens, and few distinct shapes to compile.
+  need = max((len(p) + len(r) for p, r in encoded), default=1)
+  width = min(seq_len, max(16, 1 << (need - 1).bit_length()))
+  rows = [pref_data.preference_rows(p, [r], seq_len=width, pad_id=tokenizer.pad_id)[0]
+          for p, r in encoded]
   cat = {k: np.concatenate([row[k] for row in rows]) for k in ("tokens", "positions",
                                                                 "segment_ids")}
   with parallel.use_mesh(mesh, rules):

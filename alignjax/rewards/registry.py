@@ -31,7 +31,7 @@ from absl import logging
 RESERVED_FIELDS = ("length", "truncated", "group", "max_new_tokens")
 # Modules whose import registers the built-in rewards (imported lazily: they import us).
 _BUILTIN_MODULES = ("alignjax.rewards.math", "alignjax.rewards.basic", "alignjax.rewards.model",
-                    "alignjax.rewards.text")
+                    "alignjax.rewards.text", "alignjax.rewards.logprob_rewards")
 _SPEC_KEYS = ("name", "weight", "params", "alias")
 _REGISTRY: dict[str, "Entry"] = {}
 _WARNED: set[str] = set()

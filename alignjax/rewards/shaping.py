@@ -46,7 +46,8 @@ INPUTS = {
 OUTPUTS = ("r", "R", "steps", "weights", "token_rewards")
 NAN_MODES = ("skip", "propagate")
 NOISE_MODES = ("flip", "gaussian")
-_CHOICES = {"nan": NAN_MODES, ("reward_noise", "mode"): NOISE_MODES}
+_CHOICES = {"nan": NAN_MODES, ("reward_noise", "mode"): NOISE_MODES,
+            ("ensemble_aggregate", "mode"): ("mean", "median", "min", "mean_minus_std")}
 EPS = 1e-6
 
 TRANSFORMS: dict[str, Callable] = {}
@@ -538,6 +539,38 @@ def weighted_sum(R, *, weights=None, nan="skip"):
   w_K = jnp.ones(R_NK.shape[1], R_NK.dtype) if weights is None else _vec(
       weights, R_NK.shape[1], "weights", R_NK.dtype)
   return sg(_nan_sum(R_NK, w_K, nan))
+
+
+ENSEMBLE_MODES = ("mean", "median", "min", "mean_minus_std")
+
+
+@register("ensemble_aggregate")
+def ensemble_aggregate(R, *, mode="mean_minus_std", lam=1.0):
+  """An ensemble of reward models as one reward: the columns of R are the members.
+
+  *Helping or Herding? Reward Model Ensembles Mitigate but do not Eliminate Reward Hacking*;
+  METHODS.md 8.1 / `rm_ensemble` (conservative `min` and `mean - lam*std` from *Reward Model
+  Ensembles Help Mitigate Overoptimization*). mode: mean | median | min | mean_minus_std
+  (`mean_e R - lam * std_e R`, ddof 0) over the finite members of each row; NaN if none is
+  finite. Shapes: R [N,E] -> [N]. Same values as `alignjax.losses.ensemble.aggregate` on
+  finite inputs.
+  """
+  _choice(mode, ENSEMBLE_MODES, "ensemble_aggregate: mode")
+  R_NE = _fl(R, "R", 2)
+  ok = ~jnp.isnan(R_NE)
+  cnt = jnp.sum(ok, axis=1)
+  safe = jnp.maximum(cnt, 1)
+  mean = jnp.sum(jnp.where(ok, R_NE, 0.0), axis=1) / safe
+  if mode == "mean":
+    out = mean
+  elif mode == "median":
+    out = jnp.nanmedian(jnp.where(ok, R_NE, jnp.nan), axis=1)
+  elif mode == "min":
+    out = jnp.min(jnp.where(ok, R_NE, jnp.inf), axis=1)
+  else:
+    var = jnp.sum(jnp.where(ok, (R_NE - mean[:, None]) ** 2, 0.0), axis=1) / safe
+    out = mean - lam * jnp.sqrt(var)
+  return sg(jnp.where(cnt > 0, out, jnp.nan))
 
 
 @register("harmonic_mean")

@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state and the data-iterator state.
 
 `<workdir>/checkpoints/<step>/` holds `state` (step, params, optimizer state, RNG; sharded
-arrays written by every process) and `data` (one grain iterator state per process). Orbax
+arrays written by every process), `data` (one grain iterator state per process) and optionally
+`extra` (a small JSON dict of host state). Orbax
 writes to a temporary directory and renames it when complete, so a crash never leaves a
 half-written checkpoint that a resume would pick up.
 """
@@ -27,10 +28,15 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()
 
-  def save(self, step: int, state, data_iter, force: bool = False) -> bool:
+  def save(self, step: int, state, data_iter, force: bool = False,
+           extra: dict | None = None) -> bool:
+    """`extra`: a small JSON-able dict of host state (written by process 0, in the same atomic
+    checkpoint directory; e.g. the RL trainer's reward-transform states)."""
     args = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if extra is not None:
+      args["extra"] = ocp.args.JsonSave(extra)
     return self._mgr.save(step, args=ocp.args.Composite(**args), force=force)
 
   def restore(self, state, data_iter, step: int | None = None):
@@ -43,6 +49,15 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._mgr.restore(step, args=ocp.args.Composite(**args))
     return restored["state"], data_iter
+
+  def restore_extra(self, step: int | None = None) -> dict | None:
+    """The `extra` dict saved with checkpoint `step` (latest by default); None if it has
+    none."""
+    step = self.latest_step() if step is None else step
+    if step is None or not os.path.isdir(os.path.join(self.directory, str(step), "extra")):
+      return None
+    restored = self._mgr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+    return restored["extra"]
 
   def wait(self):
     self._mgr.wait_until_finished()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import os
 import time
@@ -43,6 +44,7 @@ from jax.experimental import multihost_utils
 
 from alignjax import parallel
 from alignjax.data import synthetic
+from alignjax.evaluation import overopt, report
 from alignjax.losses.logprobs import token_logprobs
 from alignjax.models.value import PolicyAndValue, ValueModel
 from alignjax.rewards import combine as reward_combine
@@ -107,8 +109,17 @@ def rl_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
       temperature=1.0,
       top_k=0, top_p=1.0, min_p=0.0,
       chat_template="auto",       # auto | always | never (prompt records; see sampling/task.py)
+      # Dataset Reset Policy Optimization (METHODS 8.7): with this probability a prompt starts
+      # at x + y_w[:h], h ~ U{0..|y_w|-1}, y_w = the record's `dataset_reset_field` (its
+      # preferred offline response); rewards score y_w[:h] + the completion; the loss, KL and
+      # entropy cover the generated tokens only. 0: off.
+      dataset_reset=0.0,
+      dataset_reset_field="chosen",
       # Rewards: a list of {"name", "weight", "params", "alias"} or "a,b:0.5" (docs/rewards.md).
       rewards=ml_collections.FieldReference("math_reward", field_type=object),
+      # Rewards scored on every rollout and logged (`monitor/<name>`) but never trained on,
+      # e.g. a held-out "gold" reward model; same format as `rewards`.
+      monitor_rewards=ml_collections.FieldReference("", field_type=object),
       reward_whiten=False,        # whiten the combined reward over the batch (NaN-aware)
       # Reward transforms and combinators applied in order after the reward functions
       # (alignjax/rewards/shaping.py, docs/reward_shaping.md): a list of {"name", "params"}
@@ -166,6 +177,13 @@ def rl_config(algorithm: str = "grpo") -> ml_collections.ConfigDict:
       eval_samples=4,             # also sample k completions per held-out prompt at
                                   # rl.temperature: eval_sampled_reward / _accuracy (0: off)
       logprob_batch_size=0,       # rows per forward when computing old / ref log-probs (0: all)
+      # Over-optimisation curve (docs/overoptimization.md): every `curve_every` RL steps (and
+      # at step 0 and the end), `curve_samples` samples on the first `curve_prompts` held-out
+      # prompts give KL(pi || ref), every reward and monitor and the collapse monitors, one
+      # row per evaluation in <workdir>/curve.jsonl. 0: off.
+      curve_every=0,
+      curve_prompts=64,
+      curve_samples=4,
   ))
 
 
@@ -238,6 +256,15 @@ def check_config(config) -> dict:
     raise ValueError("online_dpo keeps each (chosen, rejected) pair in adjacent rows: it needs "
                      "train.grad_accum = 1 and rl.num_prompts divisible by rl.mini_batches.")
   reward_registry.parse_rewards(_rewards_value(config.rl.rewards))
+  reward_registry.parse_rewards(_rewards_value(config.rl.get("monitor_rewards", "")),
+                                key="rl.monitor_rewards")
+  if not 0.0 <= r["dataset_reset"] <= 1.0:
+    raise ValueError(f"config.rl.dataset_reset={r['dataset_reset']} must be a probability in "
+                     "[0, 1].")
+  if r["curve_every"] < 0 or (r["curve_every"] and (r["curve_prompts"] < 1
+                                                     or r["curve_samples"] < 1)):
+    raise ValueError("config.rl.curve_every must be >= 0, and curve_prompts and curve_samples "
+                     ">= 1 when it is on.")
   for name, fn, _ in shaping.parse_transforms(_rewards_value(config.rl.reward_transforms)):
     missing = [k for k in shaping.required_inputs(fn) if k not in _TRANSFORM_INPUTS]
     if missing or shaping.output_of(fn) not in ("r", "R", "weights"):
@@ -273,16 +300,24 @@ _KL = obj.KL_ESTIMATORS
 
 class PromptSource:
   """Prompt records for rollouts and evaluation: the built-in arithmetic task (records
-  {"prompt", "answer"}) or JSONL files (`data.train_files` / `data.eval_files`) of
-  {"prompt": str} or {"messages": [...]} records with any other fields (passed to rewards)."""
+  {"prompt", "answer"}), the built-in letters task (`data.synthetic="preference"`, records
+  {"prompt"}; its ground truth is the `letters_score` reward) or JSONL files
+  (`data.train_files` / `data.eval_files`) of {"prompt": str} or {"messages": [...]} records
+  with any other fields (passed to rewards)."""
 
   def __init__(self, config, split: str):
     dc = config.data
     self.records = None
+    self.letters = dc.get("synthetic", "") == "preference"
     if dc.get("synthetic", "") == "arithmetic":
       self.src = synthetic.ArithmeticSource(config.seed, split,
                                              max_digits=dc.arithmetic.max_digits,
                                              ops=dc.arithmetic.ops)
+    elif self.letters:
+      opts = dict(dc.get("preference") or {})
+      opts = {k: v for k, v in opts.items() if k in ("prompt_len", "min_len", "max_len",
+                                                     "num_records", "eval_fraction")}
+      self.src = synthetic.PreferenceSource(config.seed, split, kind="sft", **opts)
     else:
       from alignjax.sampling.task import _read_prompts  # noqa: PLC0415
       files = dc.train_files if split == "train" else dc.get("eval_files", "")
@@ -302,6 +337,8 @@ class PromptSource:
   def __getitem__(self, i):
     if self.records is not None:
       return self.records[i]
+    if self.letters:
+      return {"prompt": self.src[i]["prompt"]}
     prompt, answer = self.src.problem(i)
     return {"prompt": prompt, "answer": answer}
 
@@ -465,6 +502,8 @@ class RLTrainer:
       raise ValueError("The tokenizer has no eos token: completions could never stop.")
     self.cfg = common.model_config(config, self.tok.vocab_size)
     self.specs = reward_registry.parse_rewards(_rewards_value(config.rl.rewards))
+    self.monitors = reward_registry.parse_rewards(
+        _rewards_value(config.rl.get("monitor_rewards", "")), key="rl.monitor_rewards")
     self.transforms = shaping.parse_transforms(_rewards_value(config.rl.reward_transforms))
     self.transform_states = None   # stateful transforms (host memory; see docs/rl.md)
     self.needs_r_ref = any("r_ref" in shaping.required_inputs(fn) for _, fn, _ in self.transforms)
@@ -480,7 +519,7 @@ class RLTrainer:
                                             tc.num_steps * self.updates_per_step)
     r = self.r
     self.needs_ref = (r["objective"] in ("superhf", "online_dpo") or r["kl_coef"] > 0
-                      or self.needs_r_ref
+                      or self.needs_r_ref or r["curve_every"] > 0
                       or r["kl_in_reward_coef"] > 0
                       or "kl" in _adv_inputs(r) or "ref" in _pol_inputs(r))
     self.temperature = max(float(r["temperature"]), 1e-6) if r["temperature"] > 0 else 1.0
@@ -515,6 +554,8 @@ class RLTrainer:
         donate_argnums=0, out_shardings=(state_sharding, None))
     lp = functools.partial(completion_logprobs, **self.lp_kw)
     self._logp = jax.jit(lambda gd, p, b: lp(_policy(nnx.merge(gd, p)), b), static_argnums=0)
+    self._logp_ent = jax.jit(lambda gd, p, b: jnp.stack(
+        lp(_policy(nnx.merge(gd, p)), b, with_entropy=True), -1), static_argnums=0)
     self._values = jax.jit(lambda gd, p, b: completion_values(nnx.merge(gd, p).value, b),
                            static_argnums=0)
     return state
@@ -534,8 +575,9 @@ class RLTrainer:
     return np.concatenate(outs)
 
   # -- rollouts
-  def _generate(self, state, records, step, round_, n, temperature=None):
-    prompts = [_encode(rec, self.tok, self.r["chat_template"]) for rec in records]
+  def _generate(self, state, records, step, round_, n, temperature=None, prompts=None):
+    if prompts is None:
+      prompts = [_encode(rec, self.tok, self.r["chat_template"]) for rec in records]
     r = self.r
     cfg = SamplingConfig(max_new_tokens=r["max_new_tokens"],
                          temperature=r["temperature"] if temperature is None else temperature,
@@ -546,18 +588,30 @@ class RLTrainer:
     self.sampler.sync(self._policy_model(state))
     return prompts, self.sampler.generate(prompts, cfg)
 
-  def _score(self, records, samples, n):
+  def _score(self, records, samples, n, specs=None, prefixes=None):
+    """(combined reward [N], ScoreResult, completion texts) of `specs` (rl.rewards);
+    `prefixes` [B]: text put before each record's completions (dataset-reset starts)."""
     texts = [self.tok.decode([t for t in row if t != self.tok.eos_id])
              for row in samples.completions()]
+    if prefixes is not None:
+      texts = [prefixes[i // n] + t for i, t in enumerate(texts)]
     prompts = [rec.get("prompt", "") for rec in records for _ in range(n)]
     keys = sorted({k for rec in records for k in rec if not k.startswith("_")} - {"prompt"})
     fields = {k: [rec.get(k) for rec in records for _ in range(n)] for k in keys}
     fields.update(length=samples.lengths.tolist(), truncated=samples.truncated.tolist(),
                   group=samples.prompt_index.tolist(),
                   max_new_tokens=self.r["max_new_tokens"])
-    res = reward_registry.score(self.specs, prompts, texts, fields)
+    res = reward_registry.score(self.specs if specs is None else specs, prompts, texts, fields)
     total = np.asarray(reward_combine.weighted_sum(res.values, res.weights), np.float64)
     return total, res, texts
+
+  def _monitor_metrics(self, records, samples, n, prefix="monitor/", prefixes=None) -> dict:
+    """Mean of each rl.monitor_rewards function (NaN-aware) under `prefix`."""
+    if not self.monitors:
+      return {}
+    _, res, _ = self._score(records, samples, n, self.monitors, prefixes)
+    return {f"{prefix}{k[len('reward/'):]}": v for k, v in res.metrics().items()
+            if k.startswith("reward/")}
 
   def _reference_rewards(self, state, records):
     """[B, S, K] rewards of `rl.ref_reward_samples` samples of the reference policy (the frozen
@@ -611,6 +665,24 @@ class RLTrainer:
     self.transform_states = states
     return np.asarray(inputs["r"], np.float64), weights
 
+  def _reset_starts(self, records, step, round_, metrics):
+    """(start token lists, text prefixes) of dataset-reset starts (rl.dataset_reset), or
+    (None, None) when off. One draw per prompt, so a group shares its start (x, h)."""
+    p = float(self.r["dataset_reset"])
+    if p <= 0:
+      return None, None
+    from alignjax import testtime  # noqa: PLC0415
+    field = self.r["dataset_reset_field"]
+    prompts = [_encode(rec, self.tok, self.r["chat_template"]) for rec in records]
+    preferred = [self.tok.encode(str(rec[field])) if rec.get(field) else [] for rec in records]
+    rng = np.random.default_rng([self.config.seed, step, round_, 43])
+    starts, hs, _ = testtime.dataset_reset_prompts(prompts, preferred, p_reset=p, rng=rng)
+    if round_ == 0:
+      metrics["dataset_reset_frac"] = float(np.mean([h > 0 for h in hs]))
+      metrics["num_missing_reset_field"] = sum(not y for y in preferred)
+    prefixes = [self.tok.decode(y[:h]) if h > 0 else "" for y, h in zip(preferred, hs)]
+    return starts, prefixes
+
   def rollout(self, state, step: int) -> tuple[dict, dict]:
     """Samples, scores and (dynamic sampling) refills one RL step's groups; returns host
     arrays for the update and rollout metrics."""
@@ -623,17 +695,19 @@ class RLTrainer:
     for round_ in range(rounds):
       idx = prompt_indices(len(self.train_src), self.config.seed, step, b, round_)
       records = [self.train_src[int(i)] for i in idx]
-      prompts, out = self._generate(state, records, step, round_, g)
+      starts, prefixes = self._reset_starts(records, step, round_, metrics)
+      prompts, out = self._generate(state, records, step, round_, g, prompts=starts)
       n_gen += len(records)
       gen_tokens += int(out.lengths.sum())
       ts = time.perf_counter()
-      total, res, _ = self._score(records, out, g)
+      total, res, _ = self._score(records, out, g, prefixes=prefixes)
       loss_w = np.ones(b * g)
       if self.transforms:
         total, loss_w = self._transform(state, records, out, total, res, step, round_)
       score_time += time.perf_counter() - ts
       if round_ == 0:
         metrics.update(res.metrics())
+        metrics.update(self._monitor_metrics(records, out, g, prefixes=prefixes))
         for k, name in enumerate(res.names):
           col = res.values[:, k]
           metrics[f"reward_std/{name}"] = float(np.nanstd(col)) if np.isfinite(col).any() \
@@ -863,6 +937,7 @@ class RLTrainer:
     total, res, texts = self._score(records, out, 1)
     result = {f"eval_{k}": v for k, v in res.metrics().items() if k.startswith("reward/")}
     result["eval_reward"] = float(np.nanmean(total)) if np.isfinite(total).any() else math.nan
+    result.update(self._monitor_metrics(records, out, 1, "eval_monitor/"))
     if self.config.data.get("synthetic", "") == "arithmetic":
       result["eval_accuracy"] = float(np.mean([t.strip() == rec["answer"]
                                                for t, rec in zip(texts, records)]))
@@ -876,6 +951,76 @@ class RLTrainer:
         result["eval_sampled_accuracy"] = float(np.mean(
             [t.strip() == records[i // k]["answer"] for i, t in enumerate(texts)]))
     return result
+
+  def curve(self, state, step: int) -> dict:
+    """One row of the over-optimisation curve (rl.curve_every; METHODS 6.15, 6.18): on the
+    first `curve_prompts` held-out prompts (training prompts if there is no eval split),
+    `curve_samples` samples y ~ pi_t at rl.temperature (the same sampling seed at every step),
+    KL = mean_y sum_t [log pi_t(y_t) - log pi_ref(y_t)], the mean of every reward function
+    (`reward/<name>`, before transforms) and monitor (`monitor/<name>`), and the collapse
+    monitors (alignjax.evaluation.overopt.collapse_monitors)."""
+    r = self.r
+    src = self.eval_src if len(self.eval_src) else self.train_src
+    n, k = min(r["curve_prompts"], len(src)), r["curve_samples"]
+    records = [src[i] for i in range(n)]
+    prompts, out = self._generate(state, records, 0, 97, k)
+    total, res, texts = self._score(records, out, k)
+    arrays = sequences([p for p in prompts for _ in range(k)], out.tokens, out.lengths,
+                       self.tok.pad_id)
+    rows = n * k
+    shards = math.prod(self.mesh.shape[a] for a in
+                       (self.rules or parallel.DEFAULT_RULES)["batch"])
+    pad = -rows % shards      # rows for the data-parallel mesh: repeat the last, drop after
+    inputs = {k_: np.concatenate([v] + [v[-1:]] * pad) for k_, v in
+              _model_inputs(arrays).items()}
+    pe = self._batched(self._logp_ent, self.graphdef, state.params, inputs)[:rows]
+    ref = self._batched(self._logp, self.policy_graphdef, state.frozen["ref"], inputs)[:rows]
+    m = arrays["mask"]
+    kl = np.sum(np.where(m != 0, pe[..., 0] - ref, 0.0), 1)
+    row = {"step": int(step), "kl": float(kl.mean()), "kl_std": float(kl.std()),
+           "reward": float(np.nanmean(total)) if np.isfinite(total).any() else math.nan}
+    row.update({k_: v for k_, v in res.metrics().items() if k_.startswith("reward/")})
+    row.update(self._monitor_metrics(records, out, k))
+    row.update(overopt.collapse_monitors(
+        out.lengths.reshape(n, k), out.truncated.reshape(n, k), total.reshape(n, k),
+        [list(x) for x in out.completions()],
+        entropy_sum=np.sum(np.where(m != 0, pe[..., 1], 0.0), 1).reshape(n, k),
+        answers=[t.strip() for t in texts]))
+    return row
+
+  def host_state(self) -> dict | None:
+    """Host-side state saved with each checkpoint when rl.reward_transforms is set: the
+    stateful transforms' states, the cached reference-policy rewards and the dataset ids
+    (JSON; arrays as {"a": values, "dtype"})."""
+    if not self.transforms:
+      return None
+    enc = lambda x: {"a": np.asarray(x).tolist(), "dtype": str(np.asarray(x).dtype)}
+    return {"transform_states": jax.tree.map(enc, self.transform_states),
+            "ref_rewards": {k: np.asarray(v).tolist() for k, v in self._ref_rewards.items()},
+            "datasets": dict(self._datasets)}
+
+  def load_host_state(self, saved: dict | None) -> None:
+    if not saved:
+      return
+    dec = lambda x: jnp.asarray(np.asarray(x["a"], x["dtype"]))
+    self.transform_states = jax.tree.map(dec, saved["transform_states"],
+                                         is_leaf=lambda x: isinstance(x, dict) and "a" in x)
+    self._ref_rewards = {k: np.asarray(v, np.float32) for k, v in saved["ref_rewards"].items()}
+    self._datasets = dict(saved["datasets"])
+
+  def _write_curve(self, rows):
+    if jax.process_index() == 0:
+      text = "".join(json.dumps(report.to_jsonable(x)) + "\n" for x in rows)
+      report._atomic_write(os.path.join(self.workdir, "curve.jsonl"), text)  # noqa: SLF001
+
+  def _load_curve(self, start: int) -> list:
+    """Curve rows of an interrupted run up to its checkpoint (later rows are recomputed)."""
+    path = os.path.join(self.workdir, "curve.jsonl")
+    if not os.path.exists(path):
+      return []
+    with open(path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    return [x for x in rows if x["step"] <= start]
 
   def adapt_kl(self, state, metrics):
     r = self.r
@@ -911,14 +1056,26 @@ class RLTrainer:
       if config.checkpoint.resume and checkpointer.latest_step() is not None:
         state, _ = checkpointer.restore(state, None)
         start = checkpointer.latest_step()
+        self.load_host_state(checkpointer.restore_extra(start))
         logging.info("Resumed from RL step %d in %s", start, checkpointer.directory)
       writer = metrics_lib.MetricWriter(workdir, total=tc.num_steps, initial=start,
                                         progress_bar=tc.progress_bar)
       summary: dict = {}
+      every = self.r["curve_every"]
+      curve_rows = self._load_curve(start) if every else []
+
+      def add_curve(step_):
+        row = self.curve(state, step_)
+        curve_rows.append(row)
+        self._write_curve(curve_rows)
+        writer.write(step_, {f"curve/{k}": v for k, v in row.items() if k != "step"})
+
       if start == 0:
         initial = self.evaluate(state)
         summary.update({f"initial_{k}": v for k, v in initial.items()})
         writer.write(0, initial)
+        if every:
+          add_curve(0)
       step = start
       with loop._Preemption() as preempt:
         while step < tc.num_steps:
@@ -936,9 +1093,12 @@ class RLTrainer:
           summary.update(metrics)
           if tc.eval_every and step % tc.eval_every == 0 and not is_last:
             writer.write(step, self.evaluate(state))
+          if every and (step % every == 0 or is_last):
+            add_curve(step)
           stop = preempt.requested if jax.process_count() == 1 else preempt.agreed()
           if is_last or stop or step % config.checkpoint.every == 0:
-            checkpointer.save(step, state, None, force=is_last or stop)
+            checkpointer.save(step, state, None, force=is_last or stop,
+                              extra=self.host_state())
           if stop:
             checkpointer.wait()
             writer.close()
@@ -950,6 +1110,8 @@ class RLTrainer:
       writer.close()
       summary.update(res)
       summary["num_compiles_sampler"] = self.sampler.num_compiles
+      if every:
+        summary["curve"] = curve_rows
       return summary
 
 

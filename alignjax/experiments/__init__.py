@@ -1,0 +1,1 @@
+"""End-to-end experiments built from the library's tasks (each is a task: `config.task`)."""
