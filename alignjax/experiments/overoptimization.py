@@ -246,25 +246,26 @@ def _markdown(results: dict, name: str) -> str:
 
 def reading(curves: dict, rows: dict) -> str:
   """A plain-language summary computed from the numbers (no claims beyond them)."""
+  true = {m: [r.get("monitor/letters_score", math.nan) for r in rows[m]] for m in curves}
   out = []
   for m, c in curves.items():
-    dp = c["proxy"][-1] - c["proxy"][0]
-    dg = c["gold"][-1] - c["gold"][0]
-    tr = [r.get("monitor/letters_score", math.nan) for r in rows[m]]
-    out.append(f"- {m}: proxy {dp:+.2f}, gold {dg:+.2f} (peak {c['gold_peak'] - c['gold'][0]:+.2f}"
-               f" at step {c['t_star']}), true score {tr[-1] - tr[0]:+.2f}, at sqrt KL "
-               f"{c['sqrt_kl'][-1]:.2f}.")
+    t = true[m]
+    tp = int(np.nanargmax(t)) if np.isfinite(t).any() else 0
+    out.append(f"- {m}: proxy {c['proxy'][-1] - c['proxy'][0]:+.2f}; gold RM "
+               f"{c['gold'][-1] - c['gold'][0]:+.2f} at the end, peak "
+               f"{c['gold_peak'] - c['gold'][0]:+.2f} at step {c['t_star']}; true score "
+               f"{t[-1] - t[0]:+.2f} at the end, peak {t[tp] - t[0]:+.2f} at step "
+               f"{rows[m][tp]['step']}; final sqrt KL {c['sqrt_kl'][-1]:.2f}.")
   if "raw" in curves:
     raw = curves["raw"]
-    base = raw["gold"][-1] - raw["gold"][0]
     for m, c in curves.items():
       if m == "raw":
         continue
-      d = (c["gold"][-1] - c["gold"][0]) - base
-      verdict = "more" if d > 0 else "less"
-      out.append(f"- {m} ends with {abs(d):.2f} {verdict} gold gain than raw "
-                 f"({'closes' if d > 0 else 'does not close'} part of the gap on this run; one "
-                 "seed, no error bars).")
+      dg = (c["gold"][-1] - c["gold"][0]) - (raw["gold"][-1] - raw["gold"][0])
+      dt = (true[m][-1] - true[m][0]) - (true["raw"][-1] - true["raw"][0])
+      out.append(f"- {m} vs raw at the end: gold RM {dg:+.2f}, true score {dt:+.2f} "
+                 f"({'closes part of' if dg > 0 and dt > 0 else 'does not close'} the gap by "
+                 "both measures on this run; one seed, no error bars).")
   return "\n".join(out)
 
 
@@ -303,15 +304,19 @@ def run(config, workdir: str) -> dict:
     curves[m] = overopt.overopt_curve(rows[m], proxy="reward/proxy_0", gold="monitor/gold")
   alerts = {m: overopt.collapse_alerts(r) for m, r in rows.items()}
   rc = config.rl.rl
+  gp = config.gold.data.preference
+  pp = config.proxy.data.preference
   results = {
       "meta": {
           "title": "tiny policy, letters task",
           "setup": (f"Policy: tiny transformer, SFT {config.sft.train.num_steps} steps on letter "
                     "strings. Gold RM: "
-                    f"{config.gold.train.num_steps} steps on unbiased pairs (seed "
+                    f"{config.gold.train.num_steps} steps on unbiased pairs of "
+                    f"{gp.min_len}..{gp.max_len} letters (hits={gp.hits}, seed "
                     f"{config.gold.seed}). Proxy RMs: {oc.ensemble_size} x "
                     f"{config.proxy.train.num_steps} steps (seeds {config.proxy.seed}.."
-                    f"{config.proxy.seed + oc.ensemble_size - 1}), length_bias="
+                    f"{config.proxy.seed + oc.ensemble_size - 1}) on pairs of {pp.min_len}..{pp.max_len} "
+                    "letters, length_bias="
                     f"{bool(config.proxy.data.preference.length_bias)}. True score: letters_score "
                     "(distinct prompt letters in the response)."),
           "bon": (f"{oc.bon_prompts} held-out prompts x {oc.bon_samples} samples of the SFT "

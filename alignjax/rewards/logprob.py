@@ -17,10 +17,10 @@ Two layers:
   chain of thought before the listener reads it).
 
 Token lists are already tokenised (and templated) by the caller; prompts must be non-empty
-(the first completion token is predicted from the last prompt token). Not yet wired: none of
-these is registered as a reward function in `config.rl.rewards`, and the IGPO turn-level
-returns are not yet fed to the RL trainer's advantages (callers spread them over tokens with
-`spread_turns`).
+(the first completion token is predicted from the last prompt token). `dpo_implicit`, `cdr`,
+`flr` and `genrm_yes` are also `config.rl.rewards` entries (alignjax/rewards/logprob_rewards.py,
+models loaded from local paths). The IGPO turn-level returns are not fed to the RL trainer's
+advantages (it is single-turn; callers spread them over tokens with `spread_turns`).
 """
 
 from __future__ import annotations
