@@ -199,7 +199,8 @@ def test_default_config():
               "{context}\n\n{prompt}", 8, 4, False, (), (), (), (), (), "right")
   assert cfg.preference.to_dict() == dict(prompt_len=4, min_len=4, max_len=8, min_gap=1,
                                           num_responses=4, length_bias=False,
-                                          num_records=1_000_000, eval_fraction=0.1)
+                                          num_records=1_000_000, eval_fraction=0.1,
+                                          hits="uniform")
   new = {"context_template", "min_response_tokens", "max_responses", "truncate_lists",
          "attributes", "sources", "users", "subsets", "languages", "preference",
          "extra_fields", "extra_responses", "contrast_instructions", "contrast_template",
@@ -593,9 +594,10 @@ def test_synthetic_pipeline_and_kinds():
     assert c == str(int(a) + int(x)) and r != c and len(r) == len(c)
   sft_cfg = data.default_data_config()
   sft_cfg.synthetic = "preference"
-  with pytest.raises(ValueError, match="makes pairwise/listwise/rated records, not sft"):
-    data.make_sft_iterator(sft_cfg, TOK, seq_len=16, global_batch_size=2, seed=0,
-                           process_index=0, process_count=1)
+  # The letters task also makes SFT records (a base policy for RL on it).
+  batch = next(data.make_sft_iterator(sft_cfg, TOK, seq_len=16, global_batch_size=2, seed=0,
+                                      process_index=0, process_count=1))
+  assert batch["tokens"].shape == (2, 16) and batch["loss_mask"].sum() > 0
   with pytest.raises(ValueError, match="unknown synthetic task"):
     _iter(_cfg(synthetic="sorting"))
   with pytest.raises(ValueError, match="kind must be one of"):

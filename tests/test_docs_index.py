@@ -35,7 +35,7 @@ def _reward_names():
   for module in OPTIONAL_REWARD_MODULES:
     if importlib.util.find_spec(module) is not None:
       importlib.import_module(module)
-  return registry.names()
+  return [n for n in registry.names() if not n.startswith("_")]   # "_": registered by tests
 
 
 def _backticked(text):

@@ -70,6 +70,7 @@ EXPECTED = {
     "renorm": ("steps", "step_mask", "r"), "gated_accumulation": ("r", "steps", "step_mask"),
     "difficulty_scale": ("r", "r_ref", "sim", "group"), "trust_weight": ("R", "group", "step"),
     "weighted_sum": ("R",), "harmonic_mean": ("R",), "pareto_select": ("R", "group"),
+    "ensemble_aggregate": ("R",),
     "lagrangian_multi_reward": ("R", "state"),
     "dense_segment_reward": ("seg_rewards", "seg_end", "mask"),
     "reward_schedule": ("R", "step"), "threshold_schedule": ("R", "step"),
