@@ -28,6 +28,7 @@ Every stage runs in <workdir>/<stage> and resumes like any run. See docs/overopt
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
@@ -197,7 +198,7 @@ def write_report(results: dict, workdir: str, name: str = "report") -> dict:
   _plot_rl(results["curves"], results["rows"], files["rl"])
   _plot_collapse(results["rows"], files["collapse"])
   rep._atomic_write(os.path.join(out, f"{name}.json"),  # noqa: SLF001
-                    __import__("json").dumps(rep.to_jsonable(results), indent=1))
+                    json.dumps(rep.to_jsonable(results), indent=1))
   rep._atomic_write(os.path.join(out, f"{name}.md"), _markdown(results, name))  # noqa: SLF001
   return files
 
