@@ -245,6 +245,12 @@ def _markdown(results: dict, name: str) -> str:
   return "\n".join(lines)
 
 
+def _verdict(d_gold: float, d_true: float) -> str:
+  if d_gold > 0 and d_true > 0:
+    return "gold and true score both higher: closes part of the gap"
+  return "not higher on both: does not close the gap"
+
+
 def reading(curves: dict, rows: dict) -> str:
   """A plain-language summary computed from the numbers (no claims beyond them)."""
   true = {m: [r.get("monitor/letters_score", math.nan) for r in rows[m]] for m in curves}
@@ -265,8 +271,7 @@ def reading(curves: dict, rows: dict) -> str:
       dg = (c["gold"][-1] - c["gold"][0]) - (raw["gold"][-1] - raw["gold"][0])
       dt = (true[m][-1] - true[m][0]) - (true["raw"][-1] - true["raw"][0])
       out.append(f"- {m} vs raw at the end: gold RM {dg:+.2f}, true score {dt:+.2f} "
-                 f"({'closes part of' if dg > 0 and dt > 0 else 'does not close'} the gap by "
-                 "both measures on this run; one seed, no error bars).")
+                 f"({_verdict(dg, dt)} on this run; one seed, no error bars).")
   return "\n".join(out)
 
 
@@ -316,9 +321,9 @@ def run(config, workdir: str) -> dict:
                     f"{gp.min_len}..{gp.max_len} letters (hits={gp.hits}, seed "
                     f"{config.gold.seed}). Proxy RMs: {oc.ensemble_size} x "
                     f"{config.proxy.train.num_steps} steps (seeds {config.proxy.seed}.."
-                    f"{config.proxy.seed + oc.ensemble_size - 1}) on pairs of {pp.min_len}..{pp.max_len} "
-                    "letters, length_bias="
-                    f"{bool(config.proxy.data.preference.length_bias)}. True score: letters_score "
+                    f"{config.proxy.seed + oc.ensemble_size - 1}) on pairs of "
+                    f"{pp.min_len}..{pp.max_len} letters, length_bias={bool(pp.length_bias)}. "
+                    "True score: letters_score "
                     "(distinct prompt letters in the response)."),
           "bon": (f"{oc.bon_prompts} held-out prompts x {oc.bon_samples} samples of the SFT "
                   "policy at temperature 1; exact expectation over N-subsets. lsc and par are "
